@@ -1,0 +1,3 @@
+"""serve-kit: take a trained model to production, verified at every step."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""The `serve-kit` command line. Commands are thin: flags -> typed config -> library call -> render.
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 a quality gate failed, 130 interrupted (see errors.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from .. import __version__
+from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, ServeKitError
+from ._common import emit_json, err, state
+
+app = typer.Typer(
+    name="serve-kit",
+    help="Take a trained model to production: optimize (verified export and quantization), inspect, "
+         "and (soon) bench, package, serve.\n\nExit codes: 0 ok, 1 error, 2 usage, 3 quality gate failed, "
+         "130 interrupted.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"serve-kit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout (progress stays on stderr)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    state.json = json_output
+
+
+def _register() -> None:
+    from . import inspect, optimize, recipes  # noqa: F401 - each module adds its command to `app`
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: maps errors to exit codes (see the module docstring)."""
+    _quiet_libraries()
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=argv, prog_name="serve-kit", standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except ServeKitError as e:
+        if state.json:
+            emit_json(e.to_dict())
+        err.print(f"[bold red]error:[/] [red]{_escape(e.render())}[/]")
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        e.show()
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(EXIT_ERROR)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("[bold red]interrupted[/]: nothing half-written was left behind")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _quiet_libraries() -> None:
+    """torch, ONNX Runtime's quantizers and onnxscript log advice meant for their own developers;
+    serve-kit reports what matters itself (in the table and report.json)."""
+    import logging
+    import warnings
+
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("torch", "onnxscript", "onnx_ir", "onnxruntime"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for module in ("torch", "onnxruntime", "onnxscript", "onnx_ir", "transformers", "sklearn"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

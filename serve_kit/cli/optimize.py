@@ -1,0 +1,220 @@
+"""`serve-kit optimize`: export and quantize a model, validate every variant, write the fastest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, RepositorySpec, SourceSpec, TargetSpec,
+                      TensorSpec)
+from ..errors import ConversionError, GateFailed, UsageError
+from . import app
+from ._common import RichProgress, emit_json, err, human_size, out, state
+
+
+def _parse_gate(items: list[str]) -> dict[str, dict[str, float]]:
+    gates: dict[str, dict[str, float]] = {}
+    fields = set(GateConfig.model_fields)
+    for item in items:
+        key, sep, value = item.partition("=")
+        prec, dot, fld = key.partition(".")
+        if not sep or not dot or fld not in fields or prec not in (*DEFAULT_GATES, "all"):
+            raise UsageError("gate is not PRECISION.FIELD=VALUE", value=item, origin="--gate",
+                             hint=f"precisions: {', '.join(DEFAULT_GATES)}, all; fields: {', '.join(sorted(fields))}"
+                                  "; e.g. --gate int8.max_metric_drop=0.5")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError("gate value is not a number", value=value, origin=f"--gate {item}") from None
+        for p in (DEFAULT_GATES if prec == "all" else [prec]):
+            gates.setdefault(p, {})[fld] = number
+    return gates
+
+
+def _spec_list(items: list[str], flag: str) -> list[TensorSpec] | None:
+    return [TensorSpec.parse(i, flag) for i in items] or None
+
+
+@app.command()
+def optimize(
+    model: Optional[str] = typer.Argument(None, help="Model: .onnx, TorchScript .pt, torch.export .pt2, or a "
+                                                      "factory package.module:function returning an nn.Module."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A packaged recipe name (see `serve-kit recipes list`) "
+                                                                "or a recipe YAML file."),
+    repository: Path = typer.Option(Path("model-repository"), "--repository", "-r", help="Model repository to write."),
+    model_name: Optional[str] = typer.Option(None, "--name", help="Model name in the repository."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights for a factory: .safetensors or a state_dict "
+                                                                  "(loaded with weights_only=True)."),
+    inputs: list[str] = typer.Option([], "--input", help="Input spec NAME:DATATYPE:SHAPE, e.g. input:FP32:-1x1x8x8 "
+                                                         "(repeat per input)."),
+    outputs: list[str] = typer.Option([], "--output", help="Output spec NAME:DATATYPE:SHAPE (repeat per output)."),
+    targets: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat); default: the recipe's, "
+                                                                 "else all CPU targets."),
+    calibration_data: Optional[str] = typer.Option(None, "--calibration-data", help=".npz, .npy or folder of them."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out evaluation data (default: a split of "
+                                                                      "the calibration data)."),
+    label_key: Optional[str] = typer.Option(None, "--label-key", help="Array name holding labels (default: labels)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="`top1` or module:function(outputs, labels)."),
+    allow_synthetic: bool = typer.Option(False, "--allow-synthetic-calibration",
+                                         help="Calibrate and validate on random data (loudly labelled)."),
+    gate: list[str] = typer.Option([], "--gate", help="Loosen or tighten a gate: PRECISION.FIELD=VALUE, e.g. "
+                                                      "int8.max_metric_drop=0.5 or all.min_cosine=0.999."),
+    select: str = typer.Option("fastest", "--select", help="`fastest` passing variant, a target name, or `none` "
+                                                           "(validate only, write nothing)."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Write the fastest passing variant even when "
+                                                                "others miss their gate (exit 0)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Latency batch sizes, e.g. 1,32."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Where to write report.json (default: "
+                                                                 "<repository>/<model>/optimize-report.json)."),
+) -> None:
+    """Export and quantize a model, validate every variant against the reference on held-out real
+    data, and write the fastest variant that passed its gate as the next version in the repository.
+
+    A variant that misses its gate is never written; the command then exits 3.
+    """
+    from ..optimize.pipeline import run
+
+    job = _build_job(model, recipe, repository, model_name, weights, inputs, outputs, targets, calibration_data,
+                     eval_data, label_key, metric, allow_synthetic, gate, select, keep_going, batch_sizes, report)
+    with RichProgress(quiet=state.json) as progress:
+        result = run(job, progress)
+    if state.json:
+        emit_json(result)
+    else:
+        render(result)
+    if result.get("selection_error"):
+        raise UsageError(result["selection_error"], origin="--select")
+    if result["gate_failed"] and not (job.keep_going and result["written"]):
+        raise GateFailed(f"variant(s) missed their accuracy gate: {', '.join(result['gate_failed'])}; nothing written"
+                         if not result["written"] else "", origin=result["report_path"],
+                         hint="loosen a gate on purpose with --gate PRECISION.FIELD=VALUE, drop the target, "
+                              "or --keep-going to write the fastest passing variant")
+    if result["errors"] and not (job.keep_going and result["written"]):
+        raise ConversionError(f"variant(s) failed to build: {', '.join(result['errors'])}; nothing written",
+                              origin=result["report_path"], hint="see the messages above, or --keep-going")
+    if not result["written"] and job.select != "none":
+        raise GateFailed("no variant passed its gate; nothing written", origin=result["report_path"])
+
+
+def _build_job(model, recipe, repository, model_name, weights, inputs, outputs, targets, calibration_data,
+               eval_data, label_key, metric, allow_synthetic, gate, select, keep_going, batch_sizes, report):
+    from ..optimize.pipeline import OptimizeJob
+    from ..optimize.target import target_class
+    from ..recipes import load_recipe
+
+    r = load_recipe(recipe) if recipe else None
+    if model is None and r is None:
+        raise UsageError("give a MODEL or --recipe", origin="serve-kit optimize",
+                         hint="e.g. serve-kit optimize --recipe digits-cnn; `serve-kit recipes list` shows them")
+    if model is not None:
+        source = SourceSpec(factory=model, weights=weights) if (":" in model and not Path(model).exists()) \
+            else SourceSpec(path=model)
+        if weights and source.path:
+            raise UsageError("--weights goes with a factory module:function", value=weights, origin="--weights")
+    else:
+        source = r.model if not weights else SourceSpec(factory=r.model.factory, weights=weights)
+    data = r.data.model_copy() if r else DataSpec()
+    if calibration_data or eval_data:
+        data = data.model_copy(update={"function": None, "calibration": calibration_data, "evaluation": eval_data})
+    if label_key:
+        data = data.model_copy(update={"label_key": label_key})
+    gates = {k: v.model_copy() for k, v in (r.gates.items() if r else [])}
+    for prec, fields in _parse_gate(gate).items():
+        base = gates.get(prec, GateConfig())
+        gates[prec] = GateConfig(**{**base.model_dump(exclude_unset=True), **fields})
+    if targets:
+        by_name = {t.name: t for t in (r.targets if r else [])}
+        target_specs = [by_name.get(t, TargetSpec(name=t)) for t in targets]
+    else:
+        target_specs = list(r.targets) if r else []
+    for t in target_specs:
+        target_class(t.name)  # unknown names fail here, before any work
+    latency = r.latency if r else LatencySpec()
+    if batch_sizes:
+        try:
+            latency = LatencySpec(batch_sizes=[int(b) for b in batch_sizes.split(",")], min_seconds=latency.min_seconds)
+        except ValueError:
+            raise UsageError("batch sizes must be positive integers separated by commas", value=batch_sizes,
+                             origin="--batch-sizes") from None
+    return OptimizeJob(
+        source=source, repository=repository,
+        inputs=_spec_list(inputs, "--input") or (r.inputs if r else None),
+        outputs=_spec_list(outputs, "--output") or (r.outputs if r else None),
+        data=data, allow_synthetic=allow_synthetic, metric=metric or (r.metric if r else None),
+        targets=target_specs, gates=gates, latency=latency,
+        repo_spec=r.repository if r else RepositorySpec(),
+        model_name=model_name, select=select, keep_going=keep_going, recipe=r.name if r else None,
+        report_path=report)
+
+
+def _fmt_ms(v: dict | None, b: str) -> str:
+    return f"{v[b]['p50_ms']:.3f}" if v and b in v else "-"
+
+
+def render(result: dict) -> None:
+    sizes = [str(b) for b in (result["reference"].get("latency") or {}).keys()]
+    table = Table(title=f"serve-kit optimize: {result['model']} "
+                        f"(reference: {result['reference']['name']}, {result['evaluation']['samples']} held-out samples"
+                        + (", SYNTHETIC data" if result["evaluation"]["synthetic"] else "") + ")")
+    table.add_column("variant", style="bold")
+    table.add_column("size", justify="right")
+    for b in sizes:
+        table.add_column(f"p50 ms @{b}", justify="right")
+        table.add_column(f"speedup @{b}", justify="right")
+    table.add_column("max abs err", justify="right")
+    table.add_column("cosine", justify="right")
+    table.add_column(result["metric"] or "metric", justify="right")
+    table.add_column("gate")
+    ref = result["reference"]
+    row = [ref["name"], "-"]
+    for b in sizes:
+        row += [_fmt_ms(ref.get("latency"), b), "1.00x"]
+    row += ["-", "-", f"{ref['metric']:.2f}" if ref.get("metric") is not None else "-", "reference"]
+    table.add_row(*row, style="dim")
+    for v in result["variants"]:
+        val = v.get("validation") or {}
+        errors = val.get("errors") or {}
+        row = [v["name"] + (" *" if v["name"] == result.get("selected") and result.get("written") else ""),
+               human_size(v["size_bytes"]) if v.get("size_bytes") else "-"]
+        for b in sizes:
+            sp = (v.get("speedup") or {}).get(b)
+            row += [_fmt_ms(v.get("latency"), b), f"{sp:.2f}x" if sp else "-"]
+        row.append(f"{max(e['max_abs_error'] for e in errors.values()):.2e}" if errors else "-")
+        row.append(f"{min(e['cosine_mean'] for e in errors.values()):.6f}" if errors else "-")
+        if val.get("metric") is not None:
+            d = val.get("metric_delta")
+            row.append(f"{val['metric']:.2f} ({d:+.2f})" if d is not None else f"{val['metric']:.2f}")
+        else:
+            row.append("-")
+        status = v["status"]
+        style = {"passed": "green", "failed": "red", "error": "red", "unavailable": "dim"}[status]
+        label = status
+        if status == "passed" and v.get("gate_origin") == "user":
+            label += " (user gate)"
+        if v.get("attempts", 1) > 1:
+            label += f" after {v['attempts']} tries"
+        if status == "unavailable":
+            label += f": {v['reason']}"
+        row.append(f"[{style}]{label}[/]")
+        table.add_row(*row)
+    out.print(table)
+    for v in result["variants"]:
+        kept = (v.get("details") or {}).get("nodes_kept_in_float")
+        if kept:
+            out.print(f"[yellow]{v['name']}[/]: kept in float after diagnosis: {', '.join(kept)}")
+        if v["status"] == "failed":
+            out.print(f"[red]{v['name']} missed its gate:[/] " + "; ".join(
+                c["text"] for c in v["validation"]["checks"] if not c["passed"]))
+        if v["status"] == "error":
+            out.print(f"[red]{v['name']} failed:[/] {v['error']}", highlight=False)
+    w = result.get("written")
+    if w:
+        out.print(f"[green]wrote[/] {w['model']} version {w['version']} ({w['variant']}) -> {w['path']}")
+    elif result.get("not_written_because"):
+        out.print(f"[red]nothing written[/]: {result['not_written_because']}")
+    out.print(f"report: {result['report_path']}  ({result['seconds']:.1f} s)")
+    if result["evaluation"]["synthetic"]:
+        err.print("[bold yellow]WARNING: validated on SYNTHETIC data[/]")

@@ -1,0 +1,325 @@
+"""Typed configuration: a model's config.yaml and optimize recipes.
+
+config.yaml is the source of truth for how a model in a repository is served. Field names follow
+Triton's model configuration wherever Triton has the same concept, so that users already know them
+and so that a Triton config.pbtxt can be generated from it. Every model is validated when built;
+a validation failure becomes a ConfigError that names the file and the field path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, UsageError
+
+CONFIG_FORMAT = 1
+
+# Open Inference Protocol (KServe v2) datatypes and their numpy equivalents.
+DATATYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                   "FP16", "FP32", "FP64", "BYTES"]
+
+
+def numpy_dtype(datatype: str) -> np.dtype:
+    return np.dtype(DATATYPES[datatype])
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The Open Inference Protocol datatype of a numpy dtype."""
+    name = np.dtype(dtype).name
+    for dt, np_name in DATATYPES.items():
+        if np_name == name:
+            return dt
+    raise ConfigError(f"numpy dtype {name} has no Open Inference Protocol datatype", value=name,
+                      hint="use one of " + ", ".join(DATATYPES.values()))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TensorSpec(_Strict):
+    """One input or output tensor of a model."""
+
+    name: str = Field(min_length=1)
+    """Tensor name, as the model and the protocol know it."""
+    datatype: Datatype
+    """Open Inference Protocol datatype (FP32, INT64, ...)."""
+    shape: list[int]
+    """Full shape including the batch dimension (first, -1) when the model batches; -1 = variable."""
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        for d in v:
+            if d < -1 or d == 0:
+                raise ValueError(f"dimension {d} is invalid: use a positive size or -1 for variable")
+        return v
+
+    @property
+    def dtype(self) -> np.dtype:
+        return numpy_dtype(self.datatype)
+
+    def sample_shape(self) -> list[int]:
+        """Shape without the batch dimension."""
+        return self.shape[1:]
+
+    def describe(self) -> str:
+        return f"{self.name}:{self.datatype}:{'x'.join(str(d) for d in self.shape)}"
+
+    @classmethod
+    def parse(cls, text: str, origin: str = "--input") -> "TensorSpec":
+        """Parse `name:DATATYPE:d0xd1x...`, e.g. `input:FP32:-1x1x8x8`."""
+        m = re.fullmatch(r"([^:]+):([A-Za-z0-9]+):(-?\d+(?:x-?\d+)*)", text.strip())
+        if not m:
+            raise UsageError("tensor spec is not NAME:DATATYPE:SHAPE", value=text, origin=origin,
+                             hint="e.g. input:FP32:-1x1x8x8 (-1 marks a variable dimension, first is the batch)")
+        name, dt, shape = m.group(1), m.group(2).upper(), [int(d) for d in m.group(3).split("x")]
+        try:
+            return cls(name=name, datatype=dt, shape=shape)
+        except ValidationError as e:
+            raise UsageError(f"tensor spec {text!r} is invalid: {_first_error(e)}", origin=origin,
+                             hint="datatypes: " + ", ".join(DATATYPES)) from None
+
+
+class DynamicBatching(_Strict):
+    """Server-side dynamic batching (Triton's `dynamic_batching`)."""
+
+    max_queue_delay_microseconds: int = Field(default=500, ge=0)
+    """How long a request may wait for others to form a batch."""
+    preferred_batch_size: list[int] = Field(default_factory=list)
+    """Batch sizes the scheduler tries to form (e.g. sizes the backend is fastest at)."""
+    max_queue_size: int = Field(default=256, ge=0)
+    """Requests waiting beyond this are rejected at once (HTTP 503); 0 = unbounded."""
+    default_timeout_microseconds: int = Field(default=0, ge=0)
+    """Per-request timeout when the request sets none; 0 = none. A request may only shorten it."""
+    priority_levels: int = Field(default=0, ge=0)
+    """Number of priority levels (0 = priorities off); 1 is the highest."""
+    default_priority_level: int = Field(default=0, ge=0)
+    """Priority of a request that names none."""
+
+
+class InstanceGroup(_Strict):
+    count: int = Field(default=1, ge=1)
+    """Parallel instances (executors) of the model."""
+    kind: Literal["CPU", "GPU", "AUTO"] = "AUTO"
+
+
+class VersionPolicy(_Strict):
+    """Which versions to serve (Triton's `version_policy`): the latest N, all, or specific ones."""
+
+    latest: int | None = Field(default=1, ge=1)
+    all: bool = False
+    specific: list[int] | None = None
+
+
+class Warmup(_Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    """Batch sizes to run before the model is reported ready."""
+    source: Literal["samples", "zeros"] = "samples"
+    """`samples`: the version's stored evaluation samples; `zeros`: zero-filled tensors."""
+
+
+class ModelConfig(_Strict):
+    """`<repo>/<model>/config.yaml`: how a model is served."""
+
+    format: int = CONFIG_FORMAT
+    """config.yaml format version."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Model name (the directory name)."""
+    backend: Literal["onnxruntime", "torchscript", "tensorrt"]
+    """Backend of the latest version; each version's manifest.json names its own."""
+    max_batch_size: int = Field(default=0, ge=0)
+    """Largest batch the model accepts; 0 = the model does not batch (no batch dimension)."""
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    dynamic_batching: DynamicBatching | None = None
+    instance_group: InstanceGroup = Field(default_factory=InstanceGroup)
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    warmup: Warmup = Field(default_factory=Warmup)
+    parameters: dict[str, str] = Field(default_factory=dict)
+    """Backend parameters (e.g. intra_op_threads)."""
+
+    @model_validator(mode="after")
+    def _batch_dim(self) -> "ModelConfig":
+        if self.max_batch_size > 0:
+            for t in [*self.inputs, *self.outputs]:
+                if not t.shape or t.shape[0] != -1:
+                    raise ValueError(f"tensor {t.name!r} must have -1 as its first (batch) dimension "
+                                     f"when max_batch_size > 0, got shape {t.shape}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimize recipes
+
+
+class GateConfig(_Strict):
+    """Accuracy gate for one variant against the reference. None disables a check."""
+
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+    """Minimum mean per-sample cosine similarity, every output."""
+    max_abs_error: float | None = Field(default=None, ge=0)
+    """Maximum absolute error over every element of every output."""
+    max_metric_drop: float | None = Field(default=None, ge=0)
+    """Maximum drop of the task metric (in the metric's own unit, e.g. accuracy points)."""
+
+    def merged(self, other: "GateConfig | None") -> "GateConfig":
+        if other is None:
+            return self
+        data = self.model_dump()
+        data.update(other.model_dump(exclude_unset=True))
+        return GateConfig(**data)
+
+
+# Defaults per precision: FP32 exports must match tightly; quantized variants may lose a little.
+DEFAULT_GATES: dict[str, GateConfig] = {
+    "fp32": GateConfig(min_cosine=0.9999, max_abs_error=1e-3, max_metric_drop=0.1),
+    "int8": GateConfig(min_cosine=0.99, max_metric_drop=1.0),
+    "int4": GateConfig(min_cosine=0.98, max_metric_drop=2.0),
+}
+
+
+class SourceSpec(_Strict):
+    path: str | None = None
+    """A TorchScript (.pt/.ts), torch.export (.pt2) or ONNX (.onnx) file."""
+    factory: str | None = None
+    """`package.module:function` returning an nn.Module."""
+    weights: str | None = None
+    """Weights for the factory's module: .safetensors, or a state_dict (loaded weights_only)."""
+
+    @model_validator(mode="after")
+    def _one(self) -> "SourceSpec":
+        if bool(self.path) == bool(self.factory):
+            raise ValueError("give exactly one of `path` or `factory`")
+        if self.weights and not self.factory:
+            raise ValueError("`weights` goes with `factory`")
+        return self
+
+
+class DataSpec(_Strict):
+    function: str | None = None
+    """`module:function` returning {'calibration': {...}, 'evaluation': {...}} of named arrays."""
+    calibration: str | None = None
+    """A folder of .npy/.npz files or one .npz with named arrays."""
+    evaluation: str | None = None
+    """Held-out data for validation; when absent, `calibration` is split in two."""
+    label_key: str = "labels"
+    """Array name holding labels (not fed to the model)."""
+    max_calibration_samples: int = Field(default=512, ge=1)
+    max_evaluation_samples: int = Field(default=2048, ge=1)
+
+
+class TargetSpec(_Strict):
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    gate: GateConfig | None = None
+    """Overrides the precision's default gate for this target."""
+
+
+class LatencySpec(_Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    """Batch sizes at which each variant's latency is measured for selection."""
+    min_seconds: float = Field(default=0.5, gt=0)
+    """Measure each batch size for at least this long (after warm-up)."""
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive and at least one is needed")
+        return v
+
+
+class RepositorySpec(_Strict):
+    model_name: str | None = None
+    max_batch_size: int = Field(default=64, ge=0)
+    dynamic_batching: DynamicBatching | None = Field(default_factory=DynamicBatching)
+    instance_group: InstanceGroup = Field(default_factory=InstanceGroup)
+
+
+class Recipe(_Strict):
+    """A complete, runnable optimize job (serve_kit/recipes/*.yaml, or the user's own file)."""
+
+    name: str
+    description: str = ""
+    model: SourceSpec
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    data: DataSpec = Field(default_factory=DataSpec)
+    metric: str | None = None
+    """`top1` (labels are class ids, the first output holds scores) or `module:function`."""
+    targets: list[TargetSpec] = Field(default_factory=list)
+    gates: dict[str, GateConfig] = Field(default_factory=dict)
+    """Per precision (`fp32`, `int8`, `int4`) overrides of the default gates."""
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+    repository: RepositorySpec = Field(default_factory=RepositorySpec)
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        return [{"name": t} if isinstance(t, str) else t for t in (v or [])]
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+def validation_error(e: ValidationError, origin: str) -> ConfigError:
+    """A ConfigError naming every invalid field path of a pydantic error."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {err['msg']}{got_s}")
+    return ConfigError("invalid configuration: " + "; ".join(lines), origin=origin,
+                       hint="see the README's reference of config.yaml and recipes")
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("file not found", value=str(path), origin=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", origin=str(path)) from None
+
+
+def parse_model(cls: type[BaseModel], data: Any, origin: str):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e, origin) from None
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    return parse_model(ModelConfig, load_yaml(path), str(path))
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    return parse_model(Recipe, load_yaml(path), str(path))

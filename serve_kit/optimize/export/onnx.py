@@ -1,0 +1,120 @@
+"""`onnx` target: FP32 ONNX with a dynamic batch axis, optionally graph-optimized offline.
+
+Exporter: torch 2.13's default `torch.onnx.export(dynamo=True)` (torch.export + onnxscript) is
+the maintained path; the TorchScript-based ("legacy") exporter is deprecated. `auto` uses dynamo
+and falls back to legacy when dynamo cannot capture the model, and always uses legacy for
+TorchScript sources (dynamo cannot export a ScriptModule). Both matched PyTorch to ~1e-7 here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from typing import Literal
+
+from ...errors import ConversionError
+from ..target import Artifact, BuildContext, Target, TargetConfig, register_target
+from . import example_args
+
+
+class OnnxConfig(TargetConfig):
+    exporter: Literal["auto", "dynamo", "legacy"] = "auto"
+    """Which torch ONNX exporter to use (see the module docstring)."""
+    opset: int | None = None
+    """ONNX opset; None = the exporter's default (18+ for dynamo, 17 for legacy)."""
+    ort_optimization: Literal["none", "basic", "extended"] = "none"
+    """Offline ONNX Runtime graph optimization saved into the file. `all` is not offered: its
+    layout rewrites tie the file to this machine's CPU."""
+
+
+@register_target
+class OnnxTarget(Target):
+    name = "onnx"
+    precision = "fp32"
+    backend = "onnxruntime"
+    Config = OnnxConfig
+
+    def _build_impl(self, ctx: BuildContext, outdir):
+        cfg: OnnxConfig = self.config
+        path = outdir / "model.onnx"
+        details: dict = {}
+        if ctx.source.kind == "onnx":
+            shutil.copyfile(ctx.source.model, path)
+            details["exporter"] = "source is ONNX (copied)"
+        else:
+            details.update(self._export(ctx, path))
+        if cfg.ort_optimization != "none":
+            optimize_offline(path, cfg.ort_optimization)
+            details["ort_optimization"] = cfg.ort_optimization
+        return Artifact(path, "onnxruntime", details)
+
+    def _export(self, ctx: BuildContext, path) -> dict:
+        cfg: OnnxConfig = self.config
+        exporter = cfg.exporter
+        if ctx.source.kind == "torchscript":
+            exporter = "legacy"
+        errors = {}
+        for which in (["dynamo", "legacy"] if exporter == "auto" else [exporter]):
+            try:
+                (self._dynamo if which == "dynamo" else self._legacy)(ctx, path)
+                return {"exporter": which, **({"fallback_from": errors} if errors else {})}
+            except Exception as e:  # exporters raise many types; report the first line
+                errors[which] = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConversionError("ONNX export failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()),
+                              value=ctx.source.ref,
+                              hint="check the input signature; try `exporter: legacy` or `dynamo` explicitly")
+
+    def _names(self, ctx):
+        return [s.name for s in ctx.inputs], [s.name for s in ctx.outputs]
+
+    def _dynamo(self, ctx: BuildContext, path) -> None:
+        import inspect
+        import logging
+
+        import torch
+
+        # The dynamo exporter logs a warning per torchvision op it cannot register (torchvision is
+        # not a dependency); torch's logging setup resets levels on import, so set it here.
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+        inputs, outputs = self._names(ctx)
+        module = ctx.source.model
+        try:
+            params = list(inspect.signature(module.forward).parameters)
+        except (TypeError, ValueError):
+            params = inputs
+        dims = {}
+        for i, s in enumerate(ctx.inputs):
+            dims[params[i] if i < len(params) else s.name] = {
+                d: torch.export.Dim.AUTO for d, size in enumerate(s.shape) if size == -1}
+        kwargs = {"opset_version": cfg_opset} if (cfg_opset := self.config.opset) else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example_args(ctx), str(path), input_names=inputs, output_names=outputs,
+                              dynamic_shapes=dims, dynamo=True, external_data=False, verbose=False,
+                              report=False, **kwargs)
+
+    def _legacy(self, ctx: BuildContext, path) -> None:
+        import torch
+
+        inputs, outputs = self._names(ctx)
+        axes = {s.name: {d: f"{s.name}_dim{d}" if d else "batch" for d, n in enumerate(s.shape) if n == -1}
+                for s in [*ctx.inputs, *ctx.outputs]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(ctx.source.model, example_args(ctx), str(path), input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes, dynamo=False,
+                              opset_version=self.config.opset or 17)
+
+
+def optimize_offline(path, level: str) -> None:
+    """Run ONNX Runtime's graph optimizer once and save the optimized graph over `path`."""
+    import onnxruntime as ort
+
+    from ...runtime.backends.onnxruntime import session_options
+
+    so = session_options(optimization=level)
+    tmp = path.with_suffix(".opt.onnx")
+    so.optimized_model_filepath = str(tmp)
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    tmp.replace(path)

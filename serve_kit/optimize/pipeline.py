@@ -1,0 +1,394 @@
+"""The optimize pipeline: source -> variants -> validation gates -> latency -> one new version.
+
+Fail-closed: a variant that misses its accuracy gate is never written. By default the whole run
+then fails (exit 3) and the repository is left as it was; with `keep_going` the fastest variant
+that passed is written and the misses are reported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..bench.offline import measure
+from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, ModelConfig, RepositorySpec, SourceSpec,
+                      TargetSpec, TensorSpec, datatype_of, parse_model)
+from ..errors import DataError, InputError, ServeKitError, UsageError
+from ..progress import ProgressSink
+from ..repository import Repository, atomic_write_text, load_model_config
+from ..runtime.backends import load_backend
+from . import calibration as cal
+from .source import Source, load_source
+from .target import Artifact, BuildContext, target_class
+from .validate import Metric, run_batched, validate
+
+DEFAULT_TARGETS = ["torchscript", "onnx", "onnx-int8-static", "onnx-int8-dynamic", "onnx-int4"]
+SAMPLES_STORED = 8
+REPORT_NAME = "optimize-report.json"
+
+
+@dataclass
+class OptimizeJob:
+    source: SourceSpec
+    repository: Path
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    data: DataSpec = field(default_factory=DataSpec)
+    allow_synthetic: bool = False
+    metric: str | None = None
+    targets: list[TargetSpec] = field(default_factory=list)
+    gates: dict[str, GateConfig] = field(default_factory=dict)
+    latency: LatencySpec = field(default_factory=LatencySpec)
+    repo_spec: RepositorySpec = field(default_factory=RepositorySpec)
+    model_name: str | None = None
+    select: str = "fastest"
+    keep_going: bool = False
+    recipe: str | None = None
+    report_path: Path | None = None
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"serve-kit": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "onnx", "onnxruntime", "torch", "onnxscript", "transformers", "sentence-transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# signature
+
+
+def _check_against_onnx(specs: list[TensorSpec], graph: list[TensorSpec], what: str, origin: str) -> None:
+    by_name = {g.name: g for g in graph}
+    names = [s.name for s in specs]
+    if sorted(names) != sorted(by_name):
+        raise InputError(f"{what} names {names} do not match the ONNX model's {what} {sorted(by_name)}",
+                         origin=origin, hint=f"use the model's names, e.g. {graph[0].describe()}")
+    for s in specs:
+        g = by_name[s.name]
+        if s.datatype != g.datatype or len(s.shape) != len(g.shape) or any(
+                a != b and -1 not in (a, b) for a, b in zip(s.shape, g.shape)):
+            raise InputError(f"{what} spec {s.describe()} does not match the ONNX model's {g.describe()}",
+                             value=s.describe(), origin=origin, hint=f"the model declares {g.describe()}")
+
+
+def _infer_inputs(source: Source, arrays: dict[str, np.ndarray] | None) -> list[TensorSpec]:
+    """Input specs of a torch source from its forward() parameters and the data's arrays."""
+    if arrays is None:
+        raise UsageError("the input signature of a PyTorch model is needed", value=source.ref, origin="--model",
+                         hint="give --input NAME:DATATYPE:SHAPE (e.g. input:FP32:-1x1x8x8), or real data to infer it")
+    try:
+        params = [p for p in inspect.signature(source.model.forward).parameters]
+    except (TypeError, ValueError):
+        params = []
+    names = [n for n in arrays if n in params] if params else list(arrays)
+    if not names and len(arrays) == 1 and len(params) >= 1:
+        names = list(arrays)
+    if not names:
+        raise UsageError("cannot infer the input signature: the data's arrays do not name forward() parameters",
+                         value=sorted(arrays), origin="--calibration-data",
+                         hint=f"forward() takes {params}; give --input for each, or name the arrays so")
+    return [TensorSpec(name=n, datatype=datatype_of(arrays[n].dtype), shape=[-1, *arrays[n].shape[1:]])
+            for n in names]
+
+
+def _outputs_from_run(out: dict[str, np.ndarray]) -> list[TensorSpec]:
+    return [TensorSpec(name=k, datatype=datatype_of(v.dtype), shape=[-1, *v.shape[1:]]) for k, v in out.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: ProgressSink) -> tuple[cal.DataSplit | None, dict | None]:
+    """The data split, or raw arrays when the signature must first be inferred from them."""
+    d = job.data
+    if d.function:
+        if specs is None:
+            raise UsageError("a recipe with a data function must declare its inputs", origin="recipe inputs")
+        return cal.from_function(d.function, specs, d.label_key), None
+    if d.calibration:
+        if specs is None:
+            arrays, _ = cal.load_arrays(Path(d.calibration), [], d.label_key)
+            return None, arrays
+        return _split_from_paths(d, specs), None
+    if d.evaluation:
+        raise UsageError("--eval-data needs --calibration-data too", origin="--eval-data")
+    if not job.allow_synthetic:
+        raise DataError("no calibration/evaluation data given: every variant is validated on real data",
+                        origin="--calibration-data",
+                        hint="give --calibration-data PATH (.npz, .npy or a folder of them) or a recipe; "
+                             "--allow-synthetic-calibration uses random data (accuracy then means little)")
+    if specs is None:
+        raise UsageError("synthetic data need the input signature", origin="--input",
+                         hint="give --input NAME:DATATYPE:SHAPE")
+    progress.warn("WARNING: calibrating and validating on SYNTHETIC random data "
+                  "(--allow-synthetic-calibration); accuracy figures say nothing about real inputs")
+    return cal.DataSplit(cal.synthetic(specs, min(d.max_calibration_samples, 128), seed=0),
+                         cal.synthetic(specs, min(d.max_evaluation_samples, 128), seed=1)), None
+
+
+def _split_from_paths(d: DataSpec, specs: list[TensorSpec]) -> cal.DataSplit:
+    arrays, origin = cal.load_arrays(Path(d.calibration), specs, d.label_key)
+    calib = cal.to_dataset(arrays, specs, d.label_key, origin)
+    if d.evaluation:
+        arrays, origin = cal.load_arrays(Path(d.evaluation), specs, d.label_key)
+        return cal.DataSplit(calib, cal.to_dataset(arrays, specs, d.label_key, origin))
+    return cal.split(calib, d.max_calibration_samples, d.max_evaluation_samples)
+
+
+def _cap(split: cal.DataSplit, d: DataSpec) -> cal.DataSplit:
+    c, e = split.calibration, split.evaluation
+    if len(c) > d.max_calibration_samples:
+        c = c.subset(np.arange(d.max_calibration_samples))
+    if len(e) > d.max_evaluation_samples:
+        e = e.subset(np.arange(d.max_evaluation_samples))
+    return cal.DataSplit(c, e)
+
+
+def _gate_for(job: OptimizeJob, precision: str, spec: TargetSpec) -> tuple[GateConfig, str]:
+    gate = DEFAULT_GATES[precision].merged(job.gates.get(precision)).merged(spec.gate)
+    origin = "default" if gate == DEFAULT_GATES[precision] else "user"
+    return gate, origin
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(max(x, 1e-9)) for x in xs) / len(xs))
+
+
+def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; returns the report (also written as JSON). See the module docstring."""
+    progress = progress or ProgressSink()
+    started = time.time()
+    with progress.task("load source model"):
+        source = load_source(job.source)
+
+    # -- signature ---------------------------------------------------------------------------
+    inputs = job.inputs or source.inputs
+    if source.kind == "onnx" and job.inputs:
+        _check_against_onnx(job.inputs, source.inputs, "input", "--input")
+    split, raw = _load_data(job, inputs, progress)
+    if inputs is None:
+        inputs = _infer_inputs(source, raw)
+        split, _ = _load_data(job, inputs, progress)
+    split = _cap(split, job.data)
+    source.inputs = inputs
+    declared_outputs = job.outputs or source.outputs
+    probe = split.evaluation.slice(0, 2)
+    try:
+        probe_out = source.run(probe)
+    except ServeKitError:
+        raise
+    except Exception as e:
+        raise InputError(f"the model fails on inputs of the declared signature: {str(e).strip().splitlines()[0][:300]}",
+                         value=", ".join(s.describe() for s in inputs), origin="--input / recipe inputs",
+                         hint="check names, datatypes and shapes against the model's forward()") from None
+    outputs = declared_outputs or _outputs_from_run(probe_out)
+    if len(outputs) != len(probe_out):
+        raise InputError(f"model returns {len(probe_out)} outputs but {len(outputs)} are declared",
+                         value=[o.name for o in outputs], origin="--output / recipe outputs")
+    for spec, arr in zip(outputs, probe_out.values()):
+        if arr.ndim != len(spec.shape) or any(w != -1 and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])):
+            raise InputError(f"output {spec.describe()} does not match what the model returns (shape "
+                             f"{list(arr.shape)} for a batch of 2)", value=spec.describe(),
+                             origin="--output / recipe outputs")
+    source.outputs = outputs
+    for ds in (split.calibration, split.evaluation):
+        if ds.synthetic:
+            progress.warn(f"{ds.origin}: synthetic data")
+
+    # -- reference ------------------------------------------------------------------------------
+    metric = Metric(job.metric) if job.metric else None
+    if metric and split.evaluation.labels is None:
+        raise DataError(f"metric {job.metric!r} needs labels, and the evaluation data have none",
+                        origin="evaluation data", hint=f"add a {job.data.label_key!r} array")
+    with progress.task(f"reference outputs ({source.reference_name})", len(split.evaluation)) as adv:
+        ref_out = run_batched(source.run, split.evaluation, advance=adv)
+    ref_metric = metric(ref_out, split.evaluation.labels) if metric else None
+
+    model_name = job.model_name or job.repo_spec.model_name or job.recipe or "model"
+    report: dict[str, Any] = {
+        "serve_kit": __version__, "recipe": job.recipe, "model": model_name,
+        "repository": str(job.repository), "source": source.describe(),
+        "inputs": [s.model_dump() for s in inputs], "outputs": [s.model_dump() for s in outputs],
+        "calibration": split.calibration.describe(), "evaluation": split.evaluation.describe(),
+        "metric": job.metric, "reference": {"name": source.reference_name, "metric": ref_metric},
+        "tools": tool_versions(), "variants": [],
+    }
+
+    target_specs = job.targets or [TargetSpec(name=n) for n in DEFAULT_TARGETS]
+    workdir = Path(tempfile.mkdtemp(prefix="serve-kit-optimize-"))
+    try:
+        ctx = BuildContext(source, inputs, outputs, split.calibration, workdir, progress)
+        built: dict[str, Artifact] = {}
+        for spec in target_specs:
+            record, artifact = _run_target(job, spec, ctx, split.evaluation, ref_out, metric, ref_metric, progress)
+            report["variants"].append(record)
+            if artifact is not None:
+                built[spec.name] = artifact
+
+        # -- latency -----------------------------------------------------------------------------
+        runners = {source.reference_name: source.run}
+        for rec in report["variants"]:
+            if rec["status"] == "passed":
+                runners[rec["name"]] = _backend_for(built[rec["name"]], inputs, outputs).infer
+        sizes = job.latency.batch_sizes
+        latency: dict[str, dict[str, Any]] = {}
+        with progress.task("measure latency", len(runners) * len(sizes)) as adv:
+            for name, fn in runners.items():
+                latency[name] = {}
+                for b in sizes:
+                    latency[name][str(b)] = measure(fn, split.evaluation.tiled(b), b, job.latency.min_seconds).to_dict()
+                    adv(1)
+        ref_lat = latency[source.reference_name]
+        report["reference"]["latency"] = ref_lat
+        for rec in report["variants"]:
+            if rec["name"] in latency:
+                rec["latency"] = latency[rec["name"]]
+                rec["speedup"] = {b: ref_lat[b]["p50_ms"] / v["p50_ms"] for b, v in latency[rec["name"]].items()}
+
+        # -- selection and write -----------------------------------------------------------------
+        passed = [r for r in report["variants"] if r["status"] == "passed"]
+        failed = [r for r in report["variants"] if r["status"] in ("failed", "error")]
+        report["gate_failed"] = [r["name"] for r in report["variants"] if r["status"] == "failed"]
+        report["errors"] = [r["name"] for r in report["variants"] if r["status"] == "error"]
+        chosen = None
+        if job.select not in ("fastest", "none"):
+            chosen = next((r for r in passed if r["name"] == job.select), None)
+            if chosen is None:
+                status = next((r["status"] for r in report["variants"] if r["name"] == job.select), "not run")
+                report["selection_error"] = f"--select {job.select}: that variant {status}"
+        elif job.select == "fastest" and passed:
+            chosen = min(passed, key=lambda r: _geomean([v["p50_ms"] for v in r["latency"].values()]))
+        report["selected"] = chosen["name"] if chosen else None
+        report["written"] = None
+        if chosen and (not failed or job.keep_going):
+            report["written"] = _write_version(job, model_name, chosen, built[chosen["name"]], report,
+                                               split.evaluation, ref_out)
+        elif chosen:
+            report["not_written_because"] = ("variants failed: " + ", ".join(r["name"] for r in failed)
+                                             + " (use --keep-going to write the fastest passing one anyway)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["seconds"] = round(time.time() - started, 2)
+    _write_report(job, model_name, report)
+    return report
+
+
+def _backend_for(artifact: Artifact, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+    return load_backend(artifact.backend, artifact.path, output_names=[o.name for o in outputs],
+                        options={"input_names": [s.name for s in inputs]})
+
+
+def _run_target(job: OptimizeJob, spec: TargetSpec, ctx: BuildContext, evaluation: cal.Dataset,
+                ref_out: dict[str, np.ndarray], metric: Metric | None, ref_metric: float | None,
+                progress: ProgressSink) -> tuple[dict[str, Any], Artifact | None]:
+    cls = target_class(spec.name)
+    target = cls(spec.config)
+    record: dict[str, Any] = {"name": spec.name, "precision": cls.precision, "backend": cls.backend,
+                              "config": target.config.model_dump()}
+    reason = target.unavailable_reason(ctx.source)
+    if reason:
+        record.update(status="unavailable", reason=reason)
+        progress.log(f"{spec.name}: unavailable: {reason}", "dim")
+        return record, None
+    gate, gate_origin = _gate_for(job, cls.precision, spec)
+    record["gate_origin"] = gate_origin
+    attempt = 0
+    while True:
+        attempt += 1
+        outdir = ctx.workdir / f"{spec.name}-{attempt}"
+        t0 = time.perf_counter()
+        try:
+            with progress.task(f"build {spec.name}" + (f" (attempt {attempt})" if attempt > 1 else "")):
+                artifact = target.build(ctx, outdir)
+        except ServeKitError as e:
+            record.update(status="error", error=e.render(), attempts=attempt)
+            progress.log(f"{spec.name}: {e.render()}", "red")
+            return record, None
+        build_s = time.perf_counter() - t0
+        backend = _backend_for(artifact, ctx.inputs, ctx.outputs)
+        with progress.task(f"validate {spec.name}", len(evaluation)) as adv:
+            out = run_batched(backend.infer, evaluation, advance=adv)
+        v = validate(out, ref_out, evaluation, metric, ref_metric, gate)
+        record.update(status="passed" if v.result.passed else "failed", validation=v.to_dict(),
+                      details=artifact.details, size_bytes=artifact.path.stat().st_size,
+                      build_seconds=round(build_s, 2), attempts=attempt, config=target.config.model_dump())
+        if v.result.passed:
+            return record, artifact
+        progress.log(f"{spec.name}: gate missed: " + "; ".join(v.result.failures), "yellow")
+        new_config = target.retry_config(ctx, artifact, evaluation, attempt)
+        if new_config is None:
+            return record, None
+        target = cls(new_config)
+
+
+def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artifact: Artifact,
+                   report: dict[str, Any], evaluation: cal.Dataset, ref_out: dict[str, np.ndarray]) -> dict[str, Any]:
+    repo = Repository(job.repository)
+    inputs = [TensorSpec(**s) for s in report["inputs"]]
+    outputs = [TensorSpec(**s) for s in report["outputs"]]
+    cfg_path = job.repository / model_name / "config.yaml"
+    spec = job.repo_spec
+    fresh = dict(name=model_name, backend=rec["backend"], max_batch_size=spec.max_batch_size,
+                 inputs=inputs, outputs=outputs, dynamic_batching=spec.dynamic_batching,
+                 instance_group=spec.instance_group)
+    if cfg_path.exists():
+        # Keep the serving settings someone may have tuned; the signature and backend follow the model.
+        old = load_model_config(cfg_path)
+        fresh.update(dynamic_batching=old.dynamic_batching, instance_group=old.instance_group,
+                     max_batch_size=old.max_batch_size, version_policy=old.version_policy,
+                     warmup=old.warmup, parameters=old.parameters)
+    if fresh["max_batch_size"] == 0:
+        fresh["dynamic_batching"] = None
+    config = parse_model(ModelConfig, {k: (v.model_dump() if hasattr(v, "model_dump") else
+                                           [x.model_dump() for x in v] if isinstance(v, list) else v)
+                                       for k, v in fresh.items()}, f"config for {model_name}")
+    with repo.new_version(model_name) as stage:
+        model_file = artifact.path.name
+        shutil.copyfile(artifact.path, stage.dir / model_file)
+        n = min(SAMPLES_STORED, len(evaluation))
+        np.savez(stage.dir / "samples.npz",
+                 **{f"input.{k}": v[:n] for k, v in evaluation.inputs.items()},
+                 **{f"reference.{k}": v[:n] for k, v in ref_out.items()})
+        manifest = {
+            "model_file": model_file, "backend": rec["backend"], "variant": rec["name"],
+            "precision": rec["precision"], "source": report["source"],
+            "calibration": report["calibration"], "evaluation": report["evaluation"],
+            "tools": report["tools"], "target_config": rec["config"], "details": rec.get("details", {}),
+            "validation": rec["validation"], "latency": rec.get("latency"),
+            "reference": {"name": report["reference"]["name"], "metric": report["reference"]["metric"]},
+            "recipe": report["recipe"], "samples_file": "samples.npz",
+        }
+        version = stage.commit(config, manifest)
+    return {"model": model_name, "version": version, "path": str(job.repository / model_name / str(version)),
+            "variant": rec["name"]}
+
+
+def _write_report(job: OptimizeJob, model_name: str, report: dict[str, Any]) -> None:
+    import json
+
+    path = job.report_path or (job.repository / model_name / REPORT_NAME)
+    report["report_path"] = str(path)
+    atomic_write_text(Path(path), json.dumps(report, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
