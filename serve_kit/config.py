@@ -278,7 +278,22 @@ class Recipe(_Strict):
     @field_validator("targets", mode="before")
     @classmethod
     def _names(cls, v: Any) -> Any:
-        return [{"name": t} if isinstance(t, str) else t for t in (v or [])]
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            # Leave it to the list validator to report; iterating would turn `targets: onnx` into
+            # the targets o, n, n, x (and a mapping into its keys).
+            return v
+        return [{"name": t} if isinstance(t, str) else t for t in v]
+
+    @field_validator("gates")
+    @classmethod
+    def _precisions(cls, v: dict[str, GateConfig]) -> dict[str, GateConfig]:
+        # A misspelt precision would otherwise be ignored silently and the default gate applied.
+        unknown = sorted(set(v) - set(DEFAULT_GATES))
+        if unknown:
+            raise ValueError(f"unknown precision(s) {unknown}: use {', '.join(DEFAULT_GATES)}")
+        return v
 
 
 def _first_error(e: ValidationError) -> str:

@@ -122,12 +122,17 @@ class Staging:
                                   origin=str(self.dir))
         for _ in range(100):
             version = max(self.repo.version_numbers(self.model), default=0) + 1
+            # Set last, so that a caller's manifest can never override what the repository itself
+            # vouches for (format, model, version, files).
             full = {"format": MANIFEST_FORMAT, "model": self.model, "version": version,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     **manifest, "files": files}
+            full.update(format=MANIFEST_FORMAT, model=self.model, version=version)
             (self.dir / MANIFEST).write_text(json.dumps(full, indent=2, default=str) + "\n")
             for p in self.dir.rglob("*"):
-                if p.is_file():
+                if p.is_dir():
+                    p.chmod(0o755)  # subfolders made under a strict umask must stay readable too
+                elif p.is_file():
                     p.chmod(0o644)
                     with open(p, "rb") as f:
                         os.fsync(f.fileno())
@@ -185,7 +190,11 @@ class Repository:
         d = self.root / model
         if not d.is_dir():
             return []
-        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+        # Only canonical ASCII numbers: str.isdigit() also accepts "²" (which int() rejects), and
+        # "01" would alias version 1 while its files live under another path.
+        return sorted(int(p.name) for p in d.iterdir()
+                      if p.is_dir() and p.name.isascii() and p.name.isdigit() and p.name == str(int(p.name))
+                      and int(p.name) > 0)
 
     def version(self, model: str, version: int | None = None) -> VersionInfo:
         """One version (the latest when `version` is None), with its manifest."""
@@ -204,6 +213,9 @@ class Repository:
             problems.append(f"{MANIFEST} is missing")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problems.append(f"{MANIFEST} is not valid JSON: {e}")
+        if manifest is not None and not isinstance(manifest, dict):
+            problems.append(f"{MANIFEST} is not a JSON object")
+            manifest = None
         return VersionInfo(model, v, path, manifest, problems)
 
     def versions(self, model: str) -> list[VersionInfo]:
@@ -218,8 +230,14 @@ class Repository:
         listed = info.manifest.get("files", {})
         if info.manifest.get("format") != MANIFEST_FORMAT:
             problems.append(f"unknown manifest format {info.manifest.get('format')!r}")
+        if not isinstance(listed, dict):
+            problems.append(f"{MANIFEST}: `files` is not a mapping of file -> sha256 and size")
+            listed = {}
         for rel, meta in listed.items():
             p = info.path / rel
+            if not isinstance(meta, dict):
+                problems.append(f"{rel}: manifest entry is not {{sha256, size}}")
+                continue
             if not p.is_file():
                 problems.append(f"{rel}: missing")
                 continue

@@ -92,6 +92,11 @@ def import_object(ref: str, origin: str) -> Any:
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    # np.load decides by content, not by suffix: a .npy renamed .npz would come back as an array
+    # (no context manager, a TypeError below) and any other file would be reported as a pickle.
+    if not zipfile.is_zipfile(path):
+        raise DataError("not a .npz archive (not a zip file; truncated or another format)", value=str(path),
+                        hint="write it with numpy.savez, or name a single array .npy")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -196,8 +201,9 @@ def to_dataset(arrays: dict[str, Any], specs: list[TensorSpec], label_key: str, 
                             origin=origin)
     if not n:
         raise DataError("data hold no samples", origin=origin)
-    if labels is not None and len(labels) != n:
-        raise DataError(f"{label_key!r} has {len(labels)} entries for {n} samples", origin=origin)
+    if labels is not None and (labels.ndim == 0 or len(labels) != n):
+        got = "a single value" if labels.ndim == 0 else f"{len(labels)} entries"
+        raise DataError(f"{label_key!r} has {got} for {n} samples", origin=origin, hint="one label per sample")
     return Dataset({s.name: np.ascontiguousarray(arrays[s.name]) for s in specs}, labels, origin)
 
 
@@ -266,6 +272,12 @@ class ReaderAdapter:
         if self.names is not None:
             batch = {k: v for k, v in batch.items() if k in self.names}
         return batch
+
+    def __iter__(self):
+        # qdq_loss_debug.collect_activations iterates instead of calling get_next
+        self.rewind()
+        while (batch := self.get_next()) is not None:
+            yield batch
 
     def __len__(self) -> int:
         return -(-len(self.ds) // self.batch_size)

@@ -307,7 +307,7 @@ def _run_target(job: OptimizeJob, spec: TargetSpec, ctx: BuildContext, evaluatio
         return record, None
     gate, gate_origin = _gate_for(job, cls.precision, spec)
     record["gate_origin"] = gate_origin
-    attempt = 0
+    attempt, history = 0, []
     while True:
         attempt += 1
         outdir = ctx.workdir / f"{spec.name}-{attempt}"
@@ -331,6 +331,9 @@ def _run_target(job: OptimizeJob, spec: TargetSpec, ctx: BuildContext, evaluatio
             return record, artifact
         progress.log(f"{spec.name}: gate missed: " + "; ".join(v.result.failures), "yellow")
         new_config = target.retry_config(ctx, artifact, evaluation, attempt)
+        history.append({"attempt": attempt, "failures": v.result.failures,
+                        **({"diagnosis": artifact.details["diagnosis"]} if "diagnosis" in artifact.details else {})})
+        record["history"] = history
         if new_config is None:
             return record, None
         target = cls(new_config)

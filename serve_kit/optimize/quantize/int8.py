@@ -44,6 +44,8 @@ class Int8StaticConfig(TargetConfig):
     """When the gate is missed: find the nodes with the largest quantization error, keep them in
     float and retry (up to `max_diagnose_rounds`)."""
     max_diagnose_rounds: int = Field(default=3, ge=0)
+    diagnose_candidates: int = Field(default=8, ge=1)
+    """How many of the worst-ranked tensors get a measured trial per round (one quantization each)."""
 
 
 class Int8DynamicConfig(TargetConfig):
@@ -82,25 +84,13 @@ class Int8StaticTarget(Target):
     Config = Int8StaticConfig
 
     def _build_impl(self, ctx: BuildContext, outdir: Path) -> Artifact:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-
         cfg: Int8StaticConfig = self.config
         fp32 = ctx.onnx_fp32()
         src = _preprocess(fp32, outdir / "preprocessed.onnx", cfg.skip_symbolic_shape) if cfg.preprocess else fp32
         path = outdir / "model.onnx"
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
-        extra = {}
-        if cfg.calibration_method == "percentile":
-            extra["CalibPercentile"] = cfg.percentile
-        reader = ReaderAdapter(ctx.calibration, cfg.calibration_batch_size)
         with ctx.progress.task(f"calibrate {self.name} ({cfg.calibration_method}, {len(ctx.calibration)} samples)"):
             try:
-                quantize_static(str(src), str(path), reader, quant_format=QuantFormat.QDQ,
-                                per_channel=cfg.per_channel, activation_type=_qtype(cfg.activation_type),
-                                weight_type=_qtype(cfg.weight_type), calibrate_method=method,
-                                op_types_to_quantize=cfg.op_types, nodes_to_exclude=cfg.nodes_to_exclude,
-                                extra_options=extra)
+                self._quantize(src, path, ctx.calibration, cfg)
             except Exception as e:
                 raise ConversionError(f"static INT8 quantization failed: {str(e).strip().splitlines()[0][:300]}",
                                       value=str(fp32)) from None
@@ -111,30 +101,79 @@ class Int8StaticTarget(Target):
             "activation_type": cfg.activation_type, "weight_type": cfg.weight_type,
             "nodes_kept_in_float": list(cfg.nodes_to_exclude), "ops": count_ops(path)})
 
+    def _quantize(self, src: Path, dst: Path, calibration: Dataset, cfg: Int8StaticConfig) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
+        extra = {"CalibPercentile": cfg.percentile} if cfg.calibration_method == "percentile" else {}
+        quantize_static(str(src), str(dst), ReaderAdapter(calibration, cfg.calibration_batch_size),
+                        quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                        activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
+                        calibrate_method=method, op_types_to_quantize=cfg.op_types,
+                        nodes_to_exclude=cfg.nodes_to_exclude, extra_options=extra)
+
     def retry_config(self, ctx: BuildContext, artifact: Artifact, evaluation: Dataset, attempt: int):
+        """Per-node sensitivity: for the tensors quantization hurts most (cheap SQNR ranking), try
+        keeping the nodes around each one in float, measure the model's output on real samples,
+        and keep the group that recovers the most. Each retry adds one more group."""
         cfg: Int8StaticConfig = self.config
         if not cfg.diagnose or attempt > cfg.max_diagnose_rounds:
             return None
-        with ctx.progress.task(f"diagnose {self.name}: per-tensor quantization error"):
-            ranking = sensitivity(ctx.onnx_fp32(), artifact.path, evaluation, artifact.path.parent)
-        # Keep the 1, 2, 4, ... worst nodes (not yet kept) in float on successive attempts.
-        worst = [n for n, _ in ranking if n not in cfg.nodes_to_exclude][: 2 ** (attempt - 1)]
-        if not worst:
+        kept = set(cfg.nodes_to_exclude)
+        fp32 = ctx.onnx_fp32()
+        with ctx.progress.task(f"diagnose {self.name}: rank quantized tensors by SQNR"):
+            ranking = [r for r in tensor_sqnr(fp32, artifact.path, evaluation, artifact.path.parent)
+                       if not set(r[2]) <= kept][: cfg.diagnose_candidates]
+        if not ranking:
             return None
-        artifact.details.setdefault("diagnosis", []).append(
-            {"attempt": attempt, "worst_nodes_sqnr_db": [[n, round(s, 2)] for n, s in ranking[:8]],
-             "kept_in_float": worst})
-        ctx.progress.log(f"{self.name}: keeping in float {worst} (lowest SQNR) and retrying", "yellow")
-        return cfg.model_copy(update={"nodes_to_exclude": [*cfg.nodes_to_exclude, *worst]})
+        probe = evaluation.subset(np.arange(min(len(evaluation), 128)))
+        calib = ctx.calibration.subset(np.arange(min(len(ctx.calibration), 128)))
+        reference = _run_onnx(fp32, probe)
+        trials = []
+        with ctx.progress.task(f"diagnose {self.name}: per-node sensitivity", len(ranking)) as advance:
+            for tensor, sqnr, nodes in ranking:
+                trial_cfg = cfg.model_copy(update={"nodes_to_exclude": sorted(kept | set(nodes))})
+                path = artifact.path.parent / "_trial.onnx"
+                self._quantize(fp32, path, calib, trial_cfg)
+                trials.append((_mean_cosine(reference, _run_onnx(path, probe)), tensor, sqnr, nodes))
+                path.unlink(missing_ok=True)
+                advance(1)
+        trials.sort(key=lambda t: -t[0])
+        best_cos, tensor, _, nodes = trials[0]
+        new_nodes = sorted(set(nodes) - kept)
+        artifact.details["diagnosis"] = {
+            "trials": [{"tensor": t, "sqnr_db": round(q, 2), "nodes": n, "cosine_if_kept_in_float": round(c, 6)}
+                       for c, t, q, n in trials],
+            "keep_in_float_next": new_nodes}
+        ctx.progress.log(f"{self.name}: quantizing {tensor!r} hurts most; keeping {new_nodes} in float "
+                         f"(probe cosine {best_cos:.4f}) and retrying", "yellow")
+        return cfg.model_copy(update={"nodes_to_exclude": [*cfg.nodes_to_exclude, *new_nodes]})
 
 
-def sensitivity(fp32: Path, qdq: Path, data: Dataset, workdir: Path, max_samples: int = 64) -> list[tuple[str, float]]:
-    """Nodes of the float model ranked by how much quantization hurts them (worst first).
+def _run_onnx(path: Path, data: Dataset) -> list[np.ndarray]:
+    import onnxruntime as ort
 
-    For every tensor that the QDQ model quantizes, ONNX Runtime's QDQ debugging tools give the
-    signal-to-quantization-noise ratio (dB) of the quantize-dequantize round trip on real inputs;
-    weights are compared with their dequantized copies likewise. A tensor's SQNR is charged to the
-    nodes that consume it (keeping them in float removes that Q/DQ pair).
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, data.inputs)
+
+
+def _mean_cosine(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    cos = []
+    for r, g in zip(ref, got):
+        a, b = r.reshape(len(r), -1).astype(np.float64), g.reshape(len(g), -1).astype(np.float64)
+        denom = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+        cos.append(float(np.mean(np.sum(a * b, axis=1) / denom)))
+    return min(cos)
+
+
+def tensor_sqnr(fp32: Path, qdq: Path, data: Dataset, workdir: Path,
+                max_samples: int = 64) -> list[tuple[str, float, list[str]]]:
+    """Quantized tensors ranked by signal-to-quantization-noise ratio (dB), worst first, each with
+    the float model's nodes that must stay in float to leave it unquantized: its producer and its
+    consumers (QDQ quantizes a tensor when either side is quantized, and ORT folds Relu into the
+    producer). Cheap but blind to outlier channels, which inflate a tensor's signal power; hence
+    only a ranking of candidates that the per-node trials then measure.
     """
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
@@ -142,24 +181,31 @@ def sensitivity(fp32: Path, qdq: Path, data: Dataset, workdir: Path, max_samples
         create_weight_matching, modify_model_output_intermediate_tensors)
 
     sub = data.subset(np.arange(min(len(data), max_samples)))
-    aug = workdir / "_debug_qdq.onnx"
-    modify_model_output_intermediate_tensors(str(qdq), str(aug))
-    acts = collect_activations(str(aug), ReaderAdapter(sub, 16))
-    aug.unlink(missing_ok=True)
-    act_err = {k: v["qdq_err"] for k, v in compute_activation_error(create_activation_matching(acts)).items()}
-    w_err = compute_weight_error(create_weight_matching(str(fp32), str(qdq)))
+    acts = {}
+    for which, model in (("qdq", qdq), ("float", fp32)):
+        aug = workdir / f"_debug_{which}.onnx"
+        modify_model_output_intermediate_tensors(str(model), str(aug))
+        acts[which] = collect_activations(str(aug), ReaderAdapter(sub, 16))
+        aug.unlink(missing_ok=True)
+    matching = create_activation_matching(acts["qdq"], acts["float"])
+    errors = {k: v["qdq_err"] for k, v in compute_activation_error(matching).items()}
+    weight_errors = compute_weight_error(create_weight_matching(str(fp32), str(qdq)))
 
     graph = onnx.load(str(fp32), load_external_data=False).graph
+    producer: dict[str, str] = {}
     consumers: dict[str, list[str]] = {}
     for node in graph.node:
+        for o in node.output:
+            producer[o] = node.name
         for i in node.input:
             consumers.setdefault(i, []).append(node.name)
-    score: dict[str, float] = {}
-    for tensor, sqnr in [*act_err.items(), *w_err.items()]:
-        sqnr = float(sqnr) if np.isfinite(sqnr) else 1e9
-        for node in consumers.get(tensor, []):
-            score[node] = min(score.get(node, 1e9), sqnr)
-    return sorted(score.items(), key=lambda kv: kv[1])
+    ranked = []
+    for tensor, sqnr in [*errors.items(), *weight_errors.items()]:
+        nodes = [producer[tensor]] if tensor in producer and tensor not in weight_errors else []
+        nodes += consumers.get(tensor, [])
+        if nodes:
+            ranked.append((tensor, float(sqnr) if np.isfinite(sqnr) else 1e9, sorted(set(nodes))))
+    return sorted(ranked, key=lambda r: r[1])
 
 
 @register_target

@@ -1,0 +1,26 @@
+# The two set-up commands of the README. Each installs what it needs into .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+REPO ?= model-repository
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first, pinned: pip must never resolve a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[torch,nlp,dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/serve-kit optimize --recipe digits-cnn --repository $(REPO)
+	$(BIN)/serve-kit inspect $(REPO)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(REPO) .pytest_cache
