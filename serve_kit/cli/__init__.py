@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.2x vendors its own click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as _click_errors
 
 from .. import __version__
 from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, ServeKitError
@@ -53,23 +57,31 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="serve-kit", standalone_mode=False)
+        if rc == EXIT_INTERRUPTED:  # Typer turns Ctrl-C into Exit(130) and returns its code
+            _interrupted()
         sys.exit(rc if isinstance(rc, int) else 0)
     except ServeKitError as e:
         if state.json:
             emit_json(e.to_dict())
         err.print(f"[bold red]error:[/] [red]{_escape(e.render())}[/]")
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except (typer.Exit, getattr(_click_errors, "Exit", typer.Exit)) as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into Exit(130)
+            _interrupted()
         sys.exit(e.exit_code)
-    except click.UsageError as e:
+    except _click_errors.UsageError as e:
         e.show()
         sys.exit(EXIT_USAGE)
-    except click.ClickException as e:
+    except _click_errors.ClickException as e:
         e.show()
         sys.exit(EXIT_ERROR)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        err.print("[bold red]interrupted[/]: nothing half-written was left behind")
-        sys.exit(EXIT_INTERRUPTED)
+    except (KeyboardInterrupt, typer.Abort, getattr(_click_errors, "Abort", typer.Abort)):
+        _interrupted()
+
+
+def _interrupted() -> None:
+    err.print("[bold red]interrupted[/]: nothing half-written was left behind")
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _quiet_libraries() -> None:

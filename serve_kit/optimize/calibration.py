@@ -257,17 +257,21 @@ def from_function(ref: str, specs: list[TensorSpec], label_key: str) -> DataSpli
 class ReaderAdapter:
     """ONNX Runtime's CalibrationDataReader protocol over a Dataset, in small batches."""
 
-    def __init__(self, ds: Dataset, batch_size: int = 16, input_names: list[str] | None = None):
-        self.ds, self.batch_size, self.names = ds, batch_size, input_names
+    def __init__(self, ds: Dataset, batch_size: int = 16, input_names: list[str] | None = None,
+                 equal_batches: bool = False):
+        self.ds, self.batch_size, self.names = ds, min(batch_size, len(ds)), input_names
+        # ORT's entropy/percentile calibrators stack per-batch histograms and fail on a short last
+        # batch ("inhomogeneous shape"); they get equal batches and the remainder is dropped.
+        self.limit = len(ds) - len(ds) % self.batch_size if equal_batches else len(ds)
         self.rewind()
 
     def rewind(self) -> None:
         self._pos = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._pos >= len(self.ds):
+        if self._pos >= self.limit:
             return None
-        batch = self.ds.slice(self._pos, self._pos + self.batch_size)
+        batch = self.ds.slice(self._pos, min(self._pos + self.batch_size, self.limit))
         self._pos += self.batch_size
         if self.names is not None:
             batch = {k: v for k, v in batch.items() if k in self.names}
@@ -280,4 +284,4 @@ class ReaderAdapter:
             yield batch
 
     def __len__(self) -> int:
-        return -(-len(self.ds) // self.batch_size)
+        return -(-self.limit // self.batch_size)

@@ -54,7 +54,9 @@ class Source:
         from ..runtime.backends.torchscript import torch_outputs_to_numpy
 
         names = [s.name for s in self.inputs or []]
-        with torch.inference_mode():
+        # TorchScript modules fail under inference_mode ("Inference tensors cannot be saved for
+        # backward") when not frozen; no_grad is safe for both.
+        with (torch.inference_mode() if self.kind == "torch" else torch.no_grad()):
             args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names]
             result = self.model(*args)
         return torch_outputs_to_numpy(result, [o.name for o in self.outputs or []])

@@ -107,7 +107,7 @@ class Int8StaticTarget(Target):
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
         extra = {"CalibPercentile": cfg.percentile} if cfg.calibration_method == "percentile" else {}
-        quantize_static(str(src), str(dst), ReaderAdapter(calibration, cfg.calibration_batch_size),
+        quantize_static(str(src), str(dst), ReaderAdapter(calibration, cfg.calibration_batch_size, equal_batches=True),
                         quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                         activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
                         calibrate_method=method, op_types_to_quantize=cfg.op_types,
@@ -136,9 +136,13 @@ class Int8StaticTarget(Target):
                 trial_cfg = cfg.model_copy(update={"nodes_to_exclude": sorted(kept | set(nodes))})
                 path = artifact.path.parent / "_trial.onnx"
                 self._quantize(fp32, path, calib, trial_cfg)
-                trials.append((_mean_cosine(reference, _run_onnx(path, probe)), tensor, sqnr, nodes))
+                # A "quantized" model with nothing left quantized is the float model again: no trial.
+                if count_ops(path).get("QuantizeLinear"):
+                    trials.append((_mean_cosine(reference, _run_onnx(path, probe)), tensor, sqnr, nodes))
                 path.unlink(missing_ok=True)
                 advance(1)
+        if not trials:
+            return None
         trials.sort(key=lambda t: -t[0])
         best_cos, tensor, _, nodes = trials[0]
         new_nodes = sorted(set(nodes) - kept)

@@ -67,6 +67,6 @@ class TorchScriptBackend(Backend):
     def _infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        with torch.inference_mode():
+        with torch.no_grad():  # inference_mode breaks unfrozen TorchScript modules
             args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names]
             return torch_outputs_to_numpy(self.module(*args), self.output_names)

@@ -1,0 +1,244 @@
+"""The optimize pipeline end to end (library level): sources, gates, diagnosis, selection, writes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sk_models
+from serve_kit.config import DataSpec, GateConfig, LatencySpec, SourceSpec, TargetSpec, TensorSpec
+from serve_kit.errors import DataError, InputError, ModelLoadError, UsageError
+from serve_kit.optimize.pipeline import OptimizeJob, run
+from serve_kit.repository import Repository
+
+FAST = LatencySpec(batch_sizes=[1, 4], min_seconds=0.05)
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return sk_models.digits_npz(tmp_path_factory.mktemp("data") / "digits.npz")
+
+
+def job(tmp_path, npz, **kw) -> OptimizeJob:
+    base = dict(source=SourceSpec(factory="sk_models:mlp"), repository=tmp_path / "repo",
+                data=DataSpec(calibration=npz), metric="top1", latency=FAST, model_name="mlp",
+                targets=[TargetSpec(name="onnx"), TargetSpec(name="onnx-int8-static")])
+    base.update(kw)
+    return OptimizeJob(**base)
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_writes_the_fastest_passing_variant_with_a_complete_manifest(tmp_path, npz):
+    report = run(job(tmp_path, npz))
+    assert [v["status"] for v in report["variants"]] == ["passed", "passed"]
+    assert report["written"]["version"] == 1
+    chosen = report["selected"]
+    geo = {v["name"]: np.sqrt(v["latency"]["1"]["p50_ms"] * v["latency"]["4"]["p50_ms"]) for v in report["variants"]}
+    assert chosen == min(geo, key=geo.get)
+
+    repo = Repository(tmp_path / "repo")
+    info = repo.version("mlp")
+    assert repo.verify_version(info) == []
+    m = info.manifest
+    assert m["variant"] == chosen and m["backend"] == "onnxruntime" and m["model_file"] == "model.onnx"
+    assert m["source"]["kind"] == "torch" and len(m["source"]["sha256"]) == 64
+    assert m["calibration"]["synthetic"] is False and len(m["calibration"]["sha256"]) == 64
+    assert m["calibration"]["sha256"] != m["evaluation"]["sha256"]
+    assert {"torch", "onnx", "onnxruntime", "serve-kit"} <= set(m["tools"])
+    assert m["validation"]["passed"] and m["validation"]["metric"] > 90
+    cfg = repo.config("mlp")
+    assert cfg.inputs[0].describe() == "x:FP32:-1x64" and cfg.outputs[0].describe() == "output_0:FP32:-1x10"
+
+    # samples.npz holds real evaluation inputs with the reference's outputs for them
+    with np.load(info.path / "samples.npz") as z:
+        x, ref = z["input.x"], z["reference.output_0"]
+    expected = sk_models.mlp()(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ref, expected, rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "repo" / "mlp" / "optimize-report.json").read_text())["written"]["version"] == 1
+
+
+def test_a_strict_gate_fails_closed_and_leaves_earlier_versions_untouched(tmp_path, npz):
+    run(job(tmp_path, npz, targets=[TargetSpec(name="onnx")]))
+    before = snapshot(tmp_path / "repo" / "mlp" / "1")
+    config_before = (tmp_path / "repo" / "mlp" / "config.yaml").read_bytes()
+
+    strict = job(tmp_path, npz, gates={"int8": GateConfig(min_cosine=0.999999999)},
+                 targets=[TargetSpec(name="onnx"), TargetSpec(name="onnx-int8-static", config={"diagnose": False})])
+    report = run(strict)
+    assert report["gate_failed"] == ["onnx-int8-static"]
+    assert report["written"] is None and "keep-going" in report["not_written_because"]
+    assert Repository(tmp_path / "repo").version_numbers("mlp") == [1]
+    assert snapshot(tmp_path / "repo" / "mlp" / "1") == before
+    assert (tmp_path / "repo" / "mlp" / "config.yaml").read_bytes() == config_before
+    failed = report["variants"][1]
+    assert failed["gate_origin"] == "user" and not failed["validation"]["passed"]
+    assert any(not c["passed"] and c["check"] == "output_0.cosine_mean" for c in failed["validation"]["checks"])
+
+    # --keep-going writes the variant that passed, never the one that failed
+    strict.keep_going = True
+    report = run(strict)
+    assert report["written"]["variant"] == "onnx" and report["written"]["version"] == 2
+
+
+def test_metric_drop_gate(tmp_path, npz):
+    # A metric drop of at most -1 points means "must improve by a point": impossible for FP32.
+    report = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx", gate=GateConfig(max_metric_drop=0.0))]))
+    assert report["variants"][0]["status"] == "passed"
+    v = report["variants"][0]["validation"]
+    assert v["metric_delta"] == pytest.approx(0.0, abs=1e-9)
+    assert any(c["check"] == "metric_drop" for c in v["checks"])
+
+
+def test_int8_diagnosis_keeps_the_sensitive_layers_in_float(tmp_path, npz):
+    report = run(job(tmp_path, npz, source=SourceSpec(factory="sk_models:outlier_mlp"),
+                     targets=[TargetSpec(name="onnx-int8-static")], gates={"int8": GateConfig(min_cosine=0.999)}))
+    v = report["variants"][0]
+    assert v["status"] == "passed" and v["attempts"] >= 2
+    assert v["history"][0]["failures"]  # the first attempt really missed
+    kept = v["details"]["nodes_kept_in_float"]
+    assert kept and v["details"]["ops"].get("QuantizeLinear")  # still a quantized model...
+    # ...whose first layer (fine to quantize) stayed quantized
+    import onnx
+
+    repo = Repository(tmp_path / "repo")
+    graph = onnx.load(str(repo.version("mlp").model_file)).graph
+    quantized_weights = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert any(w.startswith("fc0.weight") for w in quantized_weights)
+    assert not any(w.startswith("fc2.weight") for w in quantized_weights)
+
+
+def test_int8_without_diagnosis_just_fails(tmp_path, npz):
+    report = run(job(tmp_path, npz, source=SourceSpec(factory="sk_models:outlier_mlp"),
+                     targets=[TargetSpec(name="onnx-int8-static", config={"diagnose": False})],
+                     gates={"int8": GateConfig(min_cosine=0.999)}))
+    assert report["variants"][0]["status"] == "failed" and report["variants"][0]["attempts"] == 1
+    assert report["written"] is None
+
+
+def test_synthetic_data_refused_unless_asked_and_then_recorded(tmp_path):
+    spec = [TensorSpec(name="x", datatype="FP32", shape=[-1, 64])]
+    with pytest.raises(DataError, match="real data") as e:
+        run(OptimizeJob(source=SourceSpec(factory="sk_models:mlp"), repository=tmp_path / "r", inputs=spec))
+    assert "--allow-synthetic-calibration" in e.value.hint
+    report = run(OptimizeJob(source=SourceSpec(factory="sk_models:mlp"), repository=tmp_path / "r", inputs=spec,
+                             allow_synthetic=True, targets=[TargetSpec(name="onnx")], latency=FAST))
+    man = Repository(tmp_path / "r").version("model").manifest
+    assert man["calibration"]["synthetic"] is True and man["evaluation"]["synthetic"] is True
+    assert "SYNTHETIC" in man["calibration"]["notes"][0]
+    assert report["evaluation"]["synthetic"] is True
+
+
+def test_signature_is_inferred_from_forward_and_data(tmp_path, npz):
+    report = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx")]))
+    assert report["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, 64]}
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torchscript", "pt2", "safetensors", "state_dict"])
+def test_every_source_kind(tmp_path, npz, kind):
+    model = sk_models.mlp()
+    x = torch.zeros(2, 64)
+    inputs = [TensorSpec(name="x", datatype="FP32", shape=[-1, 64])]
+    if kind == "onnx":
+        p = tmp_path / "m.onnx"
+        torch.onnx.export(model, (x,), str(p), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
+        source, targets = SourceSpec(path=str(p)), ["onnx", "onnx-int8-dynamic"]
+    elif kind == "torchscript":
+        p = tmp_path / "m.pt"
+        torch.jit.save(torch.jit.script(model), str(p))
+        source, targets = SourceSpec(path=str(p)), ["torchscript", "onnx"]
+    elif kind == "pt2":
+        p = tmp_path / "m.pt2"
+        ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("b", min=1, max=1024)}})
+        torch.export.save(ep, str(p))
+        source, targets = SourceSpec(path=str(p)), ["onnx"]
+    elif kind == "safetensors":
+        from safetensors.torch import save_file
+
+        p = tmp_path / "w.safetensors"
+        save_file(model.state_dict(), str(p))
+        source, targets = SourceSpec(factory="sk_models:untrained_mlp", weights=str(p)), ["onnx"]
+    else:
+        p = tmp_path / "w.pt"
+        torch.save(model.state_dict(), str(p))
+        source, targets = SourceSpec(factory="sk_models:untrained_mlp", weights=str(p)), ["onnx"]
+    report = run(job(tmp_path, npz, source=source, inputs=inputs, targets=[TargetSpec(name=t) for t in targets]))
+    assert all(v["status"] == "passed" for v in report["variants"]), report["variants"]
+    # the weights really were loaded: the reference is the trained model (high accuracy)
+    assert report["reference"]["metric"] > 90
+
+
+def test_pickled_weights_are_refused(tmp_path, npz):
+    p = tmp_path / "evil.pt"
+    torch.save({"state": sk_models.mlp().state_dict(), "obj": Path("/etc/passwd")}, str(p))
+    with pytest.raises(ModelLoadError, match="never unpickles"):
+        run(job(tmp_path, npz, source=SourceSpec(factory="sk_models:untrained_mlp", weights=str(p))))
+
+
+def test_whole_module_pickle_is_refused_as_a_model(tmp_path, npz):
+    p = tmp_path / "model.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"not": "a model"}, f)
+    with pytest.raises(ModelLoadError, match="not a zip"):
+        run(job(tmp_path, npz, source=SourceSpec(path=str(p))))
+    torch.save(sk_models.mlp(), str(p))  # torch.save of a whole module: a pickle inside a zip
+    with pytest.raises(ModelLoadError, match="never unpickles"):
+        run(job(tmp_path, npz, source=SourceSpec(path=str(p))))
+
+
+def test_corrupt_onnx_file(tmp_path, npz):
+    p = tmp_path / "broken.onnx"
+    p.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        run(job(tmp_path, npz, source=SourceSpec(path=str(p))))
+
+
+def test_input_spec_that_does_not_match_the_model(tmp_path, npz):
+    bad = [TensorSpec(name="x", datatype="FP32", shape=[-1, 32])]
+    with pytest.raises(DataError, match="needs size 32"):
+        run(job(tmp_path, npz, inputs=bad))  # the data (64 features) do not fit the declared spec
+    with pytest.raises(InputError, match="fails on inputs"):
+        run(job(tmp_path, npz, inputs=bad, data=DataSpec(), allow_synthetic=True))  # the model rejects 32
+
+    p = tmp_path / "m.onnx"
+    torch.onnx.export(sk_models.mlp(), (torch.zeros(2, 64),), str(p), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    with pytest.raises(InputError, match="does not match the ONNX model"):
+        run(job(tmp_path, npz, source=SourceSpec(path=str(p)),
+                inputs=[TensorSpec(name="x", datatype="FP16", shape=[-1, 64])]))
+    with pytest.raises(InputError, match="do not match the ONNX model"):
+        run(job(tmp_path, npz, source=SourceSpec(path=str(p)),
+                inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 64])]))
+
+
+def test_calibration_data_of_the_wrong_dtype(tmp_path):
+    x, y = sk_models.digits_flat()
+    p = tmp_path / "f64.npz"
+    np.savez(p, x=x[:100].astype(np.float64), labels=y[:100])
+    with pytest.raises(DataError, match="float64") as e:
+        run(job(tmp_path, str(p), inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 64])]))
+    assert "astype" in e.value.hint
+
+
+def test_metric_needs_labels(tmp_path):
+    x, _ = sk_models.digits_flat()
+    p = tmp_path / "nolabels.npz"
+    np.savez(p, x=x[:100])
+    with pytest.raises(DataError, match="needs labels"):
+        run(job(tmp_path, str(p)))
+
+
+def test_unknown_target():
+    from serve_kit.optimize.target import target_class
+
+    with pytest.raises(UsageError, match="unknown optimize target"):
+        target_class("onnx-int3")
