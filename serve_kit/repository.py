@@ -213,6 +213,8 @@ class Repository:
             problems.append(f"{MANIFEST} is missing")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problems.append(f"{MANIFEST} is not valid JSON: {e}")
+        except OSError as e:  # e.g. replaced by a directory
+            problems.append(f"{MANIFEST} cannot be read: {e.strerror or e}")
         if manifest is not None and not isinstance(manifest, dict):
             problems.append(f"{MANIFEST} is not a JSON object")
             manifest = None

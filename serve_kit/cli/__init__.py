@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
             _interrupted()
         sys.exit(rc if isinstance(rc, int) else 0)
     except ServeKitError as e:
-        if state.json:
+        if state.json and not state.emitted:
             emit_json(e.to_dict())
-        err.print(f"[bold red]error:[/] [red]{_escape(e.render())}[/]")
+        err.print(f"[bold red]error:[/] [red]{_escape(e.render())}[/]", soft_wrap=True)
         sys.exit(e.exit_code)
     except (typer.Exit, getattr(_click_errors, "Exit", typer.Exit)) as e:
         if isinstance(e.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into Exit(130)

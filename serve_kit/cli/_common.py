@@ -20,12 +20,15 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 class State:
     json: bool = False
+    emitted: bool = False
+    """A JSON document is already on stdout (an error then goes to stderr only: one document)."""
 
 
 state = State()
 
 
 def emit_json(data: Any) -> None:
+    state.emitted = True
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
