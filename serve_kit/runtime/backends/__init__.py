@@ -24,7 +24,10 @@ _CLASSES: dict[str, type["Backend"]] = {}
 
 
 def register_backend(cls: type["Backend"]) -> type["Backend"]:
+    """Class decorator: make a Backend subclass loadable by its `name` (a plugin outside this
+    package included, e.g. one named in a version's manifest)."""
     _CLASSES[cls.name] = cls
+    _REGISTRY.setdefault(cls.name, cls.__module__)
     return cls
 
 

@@ -1,0 +1,59 @@
+"""`serve-kit serve`: run the inference runtime on a model repository (the same one the image runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import RepositoryError
+from . import app
+from ._common import emit_json, err, out, state
+
+
+@app.command()
+def serve(
+    repository: Path = typer.Argument(..., help="Model repository folder."),
+    models: list[str] = typer.Option([], "--model", "-m", help="Serve only these models (repeat); default: all."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to the network."),
+    http_port: int = typer.Option(8000, "--http-port", help="HTTP/REST port (0 = any free port)."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port (0 = any free port)."),
+    no_grpc: bool = typer.Option(False, "--no-grpc", help="Do not start the gRPC frontend."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body; larger ones get 413."),
+    exit_timeout: float = typer.Option(30.0, "--exit-timeout", help="Seconds to finish in-flight requests on SIGTERM."),
+    enable_management: bool = typer.Option(False, "--enable-management",
+                                           help="Enable the repository extension's load/unload (needs a token)."),
+    management_token: Optional[str] = typer.Option(None, "--management-token", envvar="SERVE_KIT_MANAGEMENT_TOKEN",
+                                                   help="Bearer token for load/unload (or $SERVE_KIT_MANAGEMENT_TOKEN)."),
+) -> None:
+    """Serve a model repository over the Open Inference Protocol (HTTP and gRPC) with dynamic batching.
+
+    Ready (GET /v2/health/ready) only when every model is loaded and warmed up. SIGTERM: not ready
+    at once, in-flight requests finish within --exit-timeout, exit 0.
+    """
+    from ..errors import UsageError
+    from ..runtime.server import ServeOptions, run
+
+    if not repository.is_dir():
+        raise RepositoryError("repository folder not found", value=str(repository), origin="REPOSITORY",
+                              hint="write one with `serve-kit optimize --recipe digits-cnn -r PATH`")
+    if enable_management and not management_token:
+        raise UsageError("--enable-management needs --management-token (or $SERVE_KIT_MANAGEMENT_TOKEN)",
+                         origin="--enable-management", hint="management endpoints are never open without a token")
+
+    def ready(info: dict) -> None:
+        if state.json:
+            emit_json({"ready": True, **info})
+        else:
+            out.print(f"[green]ready[/]: HTTP {info['http']}"
+                      + (f", gRPC {host}:{info['grpc_port']}" if info.get("grpc_port") else "")
+                      + "; models: " + ", ".join(f"{m['name']}/{m['version']}" for m in info["models"]))
+
+    options = ServeOptions(repository=repository, models=models or None, host=host, http_port=http_port,
+                           grpc_port=None if no_grpc else grpc_port, max_body_bytes=int(max_body_mb * 1024 * 1024),
+                           exit_timeout=exit_timeout,
+                           management_token=management_token if enable_management else None, on_ready=ready)
+    code = run(options)
+    err.print("stopped")
+    raise typer.Exit(code)

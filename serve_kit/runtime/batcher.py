@@ -1,0 +1,673 @@
+"""The per-model-version scheduler: a request queue, dynamic batching and a pool of instance threads.
+
+Request path: router (models.ModelManager) -> scheduler (this module) -> backend instance.
+
+The event loop only appends requests to a queue and awaits futures; everything that takes time
+(concatenating a batch, running the backend, slicing the outputs) happens on one worker thread
+per model instance, each owning its backend (backends are never shared between threads). Results
+go back to the event loop with one `call_soon_threadsafe` per batch, so the loop never blocks on a
+backend and a hung backend only holds its own thread.
+
+Semantics follow Triton's dynamic batcher wherever Triton defines them:
+
+* a batch is formed from queued requests of one shape (the non-batch dims of every input), up to
+  `max_batch_size` rows; it is dispatched as soon as it reaches the largest preferred batch size
+  (or `max_batch_size` without preferred sizes), otherwise when its oldest request has waited
+  `max_queue_delay_microseconds`, cut to the largest preferred size available;
+* requests of other shapes stay queued for their own batches: shapes are never mixed;
+* `max_queue_size` bounds the requests waiting (not running); beyond it `submit` raises
+  Unavailable at once;
+* a request's timeout (the model's default; a request may only shorten it) counts until its batch
+  starts: an expired request is dropped from the queue and answered Timeout;
+* priority 1 is the highest of `priority_levels`; 0, or a level out of range, means the model's
+  `default_priority_level`. Higher levels are served first, FIFO within a level;
+* a backend exception fails exactly the requests of that batch with Internal; the worker goes on.
+
+With `dynamic_batching: null` (or `max_batch_size: 0`) each request runs alone, still through the
+queue and the instance pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from ..config import ModelConfig
+from .backends import Backend
+from .types import BadRequest, InferError, Internal, Timeout, Unavailable
+
+log = logging.getLogger("serve_kit.runtime")
+
+# Histogram bucket upper bounds for queue and compute durations, in seconds (Prometheus `le`).
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0)
+_BUCKETS_NS = tuple(int(b * 1e9) for b in LATENCY_BUCKETS_S)
+_NBUCKETS = len(_BUCKETS_NS) + 1  # the last one is +Inf
+
+_QUEUED, _TAKEN, _DONE = 0, 1, 2
+
+class SchedulerClosed(Unavailable):
+    """The scheduler stopped accepting requests (draining for a reload, unload or shutdown).
+
+    The router may retry such a request on the version that replaced this one."""
+
+
+class Scheduler(Protocol):
+    """What the router needs from a scheduler. Dynamic batching is one implementation; sequence
+    or continuous-batching schedulers can slot in behind the same surface."""
+
+    model: str
+    version: int
+
+    async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0,
+                     timeout_us: int = 0) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+    async def drain(self, timeout: float | None = None) -> bool: ...
+
+    def stats(self) -> "SchedulerStats": ...
+
+
+@dataclass
+class SchedulerStats:
+    """Cumulative statistics of one scheduler (or the sum of several: reloads of one version).
+
+    Durations are nanoseconds. `queue`, `compute_*` and `success` count requests; a request in a
+    batch of n is counted with the batch's whole compute time (Triton's convention)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail: dict[int, list[int]] = field(default_factory=dict)
+    """HTTP-like status -> [count, ns]."""
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+    compute_count: int = 0
+    inference_count: int = 0
+    """Rows (batch items) inferred."""
+    execution_count: int = 0
+    """Backend executions (batches)."""
+    batches: dict[int, list[int]] = field(default_factory=dict)
+    """Batch size in rows -> [executions, compute_input_ns, compute_infer_ns, compute_output_ns]."""
+    queue_hist: list[int] = field(default_factory=lambda: [0] * _NBUCKETS)
+    """Requests per LATENCY_BUCKETS_S bucket (not cumulative; the last is +Inf)."""
+    compute_hist: list[int] = field(default_factory=lambda: [0] * _NBUCKETS)
+    last_inference_ms: int = 0
+    queue_depth: int = 0
+    """Requests waiting now."""
+    inflight: int = 0
+    """Requests accepted and not answered yet (waiting or running)."""
+
+    def __add__(self, other: "SchedulerStats") -> "SchedulerStats":
+        fail = {k: list(v) for k, v in self.fail.items()}
+        for k, (c, ns) in other.fail.items():
+            f = fail.setdefault(k, [0, 0])
+            f[0] += c
+            f[1] += ns
+        batches = {k: list(v) for k, v in self.batches.items()}
+        for k, v in other.batches.items():
+            b = batches.setdefault(k, [0, 0, 0, 0])
+            for i in range(4):
+                b[i] += v[i]
+        return SchedulerStats(
+            success_count=self.success_count + other.success_count,
+            success_ns=self.success_ns + other.success_ns, fail=fail,
+            queue_count=self.queue_count + other.queue_count, queue_ns=self.queue_ns + other.queue_ns,
+            compute_input_ns=self.compute_input_ns + other.compute_input_ns,
+            compute_infer_ns=self.compute_infer_ns + other.compute_infer_ns,
+            compute_output_ns=self.compute_output_ns + other.compute_output_ns,
+            compute_count=self.compute_count + other.compute_count,
+            inference_count=self.inference_count + other.inference_count,
+            execution_count=self.execution_count + other.execution_count, batches=batches,
+            queue_hist=[a + b for a, b in zip(self.queue_hist, other.queue_hist)],
+            compute_hist=[a + b for a, b in zip(self.compute_hist, other.compute_hist)],
+            last_inference_ms=max(self.last_inference_ms, other.last_inference_ms),
+            queue_depth=self.queue_depth + other.queue_depth, inflight=self.inflight + other.inflight)
+
+    @property
+    def fail_count(self) -> int:
+        return sum(c for c, _ in self.fail.values())
+
+
+class _Request:
+    __slots__ = ("inputs", "rows", "key", "level", "fut", "loop", "t0", "deadline", "state", "timer")
+
+    def __init__(self, inputs, rows, key, level, fut, loop, t0, deadline):
+        self.inputs = inputs
+        self.rows = rows
+        self.key = key
+        self.level = level
+        self.fut = fut
+        self.loop = loop
+        self.t0 = t0
+        self.deadline = deadline
+        self.state = _QUEUED
+        self.timer = None
+
+
+class _Counters:
+    """Counters written by exactly one thread (a worker, or the event loop), so no lock is taken
+    on the hot path; readers copy them (a list or dict copy is atomic under the GIL)."""
+
+    __slots__ = ("success_count", "success_ns", "fail", "queue_ns", "queue_count", "in_ns", "infer_ns",
+                 "out_ns", "compute_count", "inference_count", "execution_count", "batches",
+                 "queue_hist", "compute_hist", "last_ms")
+
+    def __init__(self, max_rows: int):
+        self.success_count = self.success_ns = self.queue_ns = self.queue_count = 0
+        self.in_ns = self.infer_ns = self.out_ns = self.compute_count = 0
+        self.inference_count = self.execution_count = self.last_ms = 0
+        self.fail: dict[int, list[int]] = {}
+        # Preallocated so that the worker never grows a container a reader may be copying.
+        self.batches = [[0, 0, 0, 0] for _ in range(max_rows + 1)]
+        self.queue_hist = [0] * _NBUCKETS
+        self.compute_hist = [0] * _NBUCKETS
+
+    def failed(self, status: int, n: int, ns: int) -> None:
+        f = self.fail.get(status)
+        if f is None:
+            f = self.fail[status] = [0, 0]
+        f[0] += n
+        f[1] += ns
+
+    def snapshot(self) -> SchedulerStats:
+        batches = {}
+        for size, b in enumerate(list(self.batches)):
+            b = list(b)
+            if b[0]:
+                batches[size] = b
+        return SchedulerStats(
+            success_count=self.success_count, success_ns=self.success_ns,
+            fail={k: list(v) for k, v in self.fail.copy().items()},
+            queue_count=self.queue_count, queue_ns=self.queue_ns, compute_input_ns=self.in_ns,
+            compute_infer_ns=self.infer_ns, compute_output_ns=self.out_ns, compute_count=self.compute_count,
+            inference_count=self.inference_count, execution_count=self.execution_count, batches=batches,
+            queue_hist=list(self.queue_hist), compute_hist=list(self.compute_hist),
+            last_inference_ms=self.last_ms)
+
+
+class DynamicBatcher:
+    """Dynamic-batching scheduler for one model version over `len(backends)` instance threads.
+
+    `backends` are loaded (and warmed) backend instances of the same model, one per instance;
+    each is used by exactly one worker thread from now on. Use from one event loop.
+    """
+
+    def __init__(self, config: ModelConfig, backends: Sequence[Backend], *, model: str | None = None,
+                 version: int = 1):
+        if not backends:
+            raise ValueError("a scheduler needs at least one backend instance")
+        self.config = config
+        self.model = model or config.name
+        self.version = version
+        self._label = f"model {self.model!r} version {version}"
+        self._input_names = [t.name for t in config.inputs]
+        self._max_bs = config.max_batch_size
+        db = config.dynamic_batching
+        self._batching = db is not None and self._max_bs > 0
+        # Queue policy applies with or without batching when the model configures it.
+        self._max_queue = db.max_queue_size if db else 0
+        self._default_timeout_us = db.default_timeout_microseconds if db else 0
+        levels = db.priority_levels if db else 0
+        self._levels = max(1, levels)
+        default = db.default_priority_level if db else 0
+        # Triton requires 1 <= default <= levels; an unset default (0) means the lowest level.
+        self._default_level = (default if 1 <= default <= self._levels else self._levels) - 1
+        if self._batching:
+            self._delay_ns = db.max_queue_delay_microseconds * 1000
+            self._preferred = sorted({p for p in db.preferred_batch_size if 0 < p <= self._max_bs})
+            self._target = self._preferred[-1] if self._preferred else self._max_bs
+        else:
+            self._delay_ns = 0
+            self._preferred = []
+            self._target = 1
+        # Only inputs with a variable non-batch dim can differ in shape between requests; without
+        # one (or without batching) a single key serves all requests and none is computed.
+        self._keyed = [t.name for t in config.inputs
+                       if self._batching and any(d == -1 for d in t.shape[1:])]
+
+        self._cond = threading.Condition(threading.Lock())
+        self._queues: list[deque[_Request]] = [deque() for _ in range(self._levels)]
+        self._queued = 0
+        self._rows: dict[Any, int] = {}
+        self._idle = 0      # workers waiting for an empty queue
+        self._forming = 0   # workers waiting for a batch to fill up (max_queue_delay)
+        self._closing = False
+        self._current: list[list[_Request] | None] = [None] * len(backends)
+
+        # Event-loop side (touched only on the loop thread).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outstanding = 0
+        self._drained: asyncio.Future | None = None
+        self._loop_counters = _Counters(max(self._max_bs, 1))
+
+        self._counters = [_Counters(max(self._max_bs, 1)) for _ in backends]
+        self._threads = []
+        for i, backend in enumerate(backends):
+            t = threading.Thread(target=self._worker, args=(i, backend), daemon=True,
+                                 name=f"sk-{self.model}-v{version}-{i}")
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------------------------------------
+    # Event-loop side
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closing
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    @property
+    def inflight(self) -> int:
+        return self._outstanding
+
+    async def submit(self, inputs: dict[str, np.ndarray], priority: int = 0,
+                     timeout_us: int = 0) -> dict[str, np.ndarray]:
+        """Run one request (batch-first arrays when the model batches) and return its outputs.
+
+        Raises Unavailable (queue full, closing), Timeout (deadline passed before it ran),
+        BadRequest (batch dimension out of range), Internal (the backend failed)."""
+        if self._closing:
+            raise self._refuse(SchedulerClosed(f"{self._label} is not accepting requests (unloading or "
+                                               "shutting down); retry"))
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        if self._max_bs > 0:
+            try:
+                rows = inputs[self._input_names[0]].shape[0] if len(self._input_names) == 1 else \
+                    self._rows_of(inputs)
+            except (KeyError, IndexError, AttributeError):
+                raise self._refuse(BadRequest(f"{self._label}: inputs must be arrays named "
+                                              f"{self._input_names} with a batch dimension")) from None
+            if not 0 < rows <= self._max_bs:
+                raise self._refuse(BadRequest(f"{self._label}: batch size {rows} is out of range "
+                                              f"1..{self._max_bs} (max_batch_size)"))
+        else:
+            rows = 1
+        if self._keyed:
+            try:
+                key = tuple(inputs[n].shape[1:] for n in self._keyed)
+            except (KeyError, AttributeError):
+                raise self._refuse(BadRequest(f"{self._label}: inputs must be arrays named "
+                                              f"{self._input_names}")) from None
+        else:
+            key = None
+        level = priority - 1 if 0 < priority <= self._levels else self._default_level
+        t = self._default_timeout_us
+        if timeout_us > 0 and (t == 0 or timeout_us < t):
+            t = timeout_us
+        t0 = time.monotonic_ns()
+        fut = loop.create_future()
+        req = _Request(inputs, rows, key, level, fut, loop, t0, t0 + t * 1000 if t else 0)
+
+        cond = self._cond
+        with cond:
+            if self._closing:
+                raise self._refuse(SchedulerClosed(f"{self._label} is not accepting requests; retry"))
+            if self._max_queue and self._queued >= self._max_queue:
+                raise self._refuse(Unavailable(f"{self._label}: queue is full ({self._queued} requests "
+                                               f"waiting, max_queue_size {self._max_queue}); retry later"))
+            self._queues[level].append(req)
+            self._queued += 1
+            pending = self._rows.get(key, 0) + rows
+            self._rows[key] = pending
+            # Wake a worker only when that changes something: nobody is forming a batch yet, or
+            # this request completed one. Otherwise the forming worker's own timer covers it.
+            if (self._idle and not self._forming) or pending >= self._target:
+                cond.notify()
+        self._outstanding += 1
+        if t:
+            req.timer = loop.call_later(t / 1e6, self._expire, req)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._cancel(req)
+            raise
+
+    def _rows_of(self, inputs: dict[str, np.ndarray]) -> int:
+        rows = {inputs[n].shape[0] for n in self._input_names}
+        if len(rows) != 1:
+            raise self._refuse(BadRequest(f"{self._label}: inputs disagree on the batch dimension: "
+                                          f"{sorted(rows)}"))
+        return rows.pop()
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not None and self._outstanding and not self._loop.is_closed():
+            raise RuntimeError(f"{self._label}: scheduler used from two event loops at once")
+        self._loop = loop
+        self._drained = None
+
+    def _refuse(self, err: InferError) -> InferError:
+        self._loop_counters.failed(err.status, 1, 0)
+        return err
+
+    def _expire(self, req: _Request) -> None:
+        with self._cond:
+            if req.state != _QUEUED:
+                return
+            self._unqueue(req)
+        req.timer = None
+        self._loop_counters.failed(Timeout.status, 1, time.monotonic_ns() - req.t0)
+        self._finish(req, None, Timeout(f"{self._label}: request timed out after waiting "
+                                        f"{(time.monotonic_ns() - req.t0) / 1e6:.1f} ms in the queue"))
+
+    def _cancel(self, req: _Request) -> None:
+        # The caller went away (client disconnected, caller's own timeout): don't run it.
+        with self._cond:
+            if req.state != _QUEUED:
+                return
+            self._unqueue(req)
+        self._finish(req, None, None)
+
+    def _unqueue(self, req: _Request) -> None:
+        """Mark a queued request gone (with the lock held); workers drop it from the deque lazily."""
+        req.state = _DONE
+        self._queued -= 1
+        left = self._rows[req.key] - req.rows
+        if left:
+            self._rows[req.key] = left
+        else:
+            del self._rows[req.key]  # shapes come and go (e.g. sequence lengths): don't keep them
+
+    def _finish(self, req: _Request, result, error) -> None:
+        req.state = _DONE
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        fut = req.fut
+        if not fut.done():
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+        self._outstanding -= 1
+        if self._outstanding == 0 and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _deliver(self, batch: list[_Request], results: list | None, error: InferError | None) -> None:
+        """On the loop: answer a batch (or its error). Requests abandoned by drain are skipped."""
+        finish = self._finish
+        if error is None:
+            for req, res in zip(batch, results):
+                if req.state == _TAKEN:
+                    finish(req, res, None)
+        else:
+            for req in batch:
+                if req.state == _TAKEN:
+                    finish(req, None, error)
+
+    def close(self) -> None:
+        """Stop accepting requests (they get Unavailable); what is queued or running still runs,
+        without waiting for batches to fill, and the worker threads exit when the queue is empty."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """close(), then wait until every accepted request is answered. After `timeout` seconds the
+        rest (queued, or stuck in a hung backend) are answered Unavailable; returns False then."""
+        self.close()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        if self._outstanding:
+            if self._loop is not None and loop is not self._loop:
+                raise RuntimeError(f"{self._label}: drain() must run on the loop that submitted requests")
+            if self._drained is None or self._drained.done():
+                self._drained = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+            except asyncio.TimeoutError:
+                self._abandon()
+                return False
+        # Workers leave right after the last answer; waiting for them means their backends are
+        # released when drain() returns.
+        while self.threads_alive():
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.001)
+        return True
+
+    def _abandon(self) -> None:
+        err = Unavailable(f"{self._label} did not finish the request before it was unloaded; retry")
+        with self._cond:
+            left = []
+            for q in self._queues:
+                while q:
+                    req = q.popleft()
+                    if req.state == _QUEUED:
+                        self._unqueue(req)
+                        left.append(req)
+            running = [r for batch in self._current if batch for r in batch if r.state == _TAKEN]
+        for req in left + running:
+            self._loop_counters.failed(err.status, 1, time.monotonic_ns() - req.t0)
+            self._finish(req, None, err)
+        log.warning("%s: %d queued and %d running requests abandoned at drain timeout",
+                    self._label, len(left), len(running))
+
+    def threads_alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    def stats(self) -> SchedulerStats:
+        total = self._loop_counters.snapshot()
+        for c in self._counters:
+            total = total + c.snapshot()
+        total.queue_depth = self._queued
+        total.inflight = self._outstanding
+        return total
+
+    # ------------------------------------------------------------------------------------------
+    # Worker side
+
+    def _next_batch(self) -> tuple[list[_Request], list[_Request]] | None:
+        """Block until a batch is due; return it and the requests found expired on the way (all
+        marked taken: this worker answers them), or None when closed and empty."""
+        cond = self._cond
+        queues = self._queues
+        with cond:
+            while True:
+                head = None
+                expired: list[_Request] = []
+                now = time.monotonic_ns()
+                for q in queues:
+                    while q:
+                        r = q[0]
+                        if r.state != _QUEUED:
+                            q.popleft()
+                        elif r.deadline and now >= r.deadline:
+                            q.popleft()
+                            self._unqueue(r)
+                            r.state = _TAKEN
+                            expired.append(r)
+                        else:
+                            head = r
+                            break
+                    if head is not None:
+                        break
+                if expired:
+                    return [], expired
+                if head is None:
+                    if self._closing:
+                        return None
+                    self._idle += 1
+                    cond.wait()
+                    self._idle -= 1
+                    continue
+                avail = self._rows[head.key]
+                due = head.t0 + self._delay_ns
+                if not (avail >= self._target or now >= due or self._closing) and len(self._rows) > 1:
+                    # The oldest shape is still filling up, but another may already have a full
+                    # batch: that one need not wait behind it.
+                    for key, n in self._rows.items():
+                        if n >= self._target:
+                            head, avail = self._first_of(key), n
+                            break
+                if avail >= self._target or now >= due or self._closing:
+                    batch = self._take(head, avail, now, expired)
+                    if self._queued and self._idle:
+                        cond.notify()  # more is queued: let an idle instance look at it
+                    return batch, expired
+                self._forming += 1
+                cond.wait((due - now) / 1e9)
+                self._forming -= 1
+
+    def _first_of(self, key) -> _Request:
+        for q in self._queues:
+            for r in q:
+                if r.state == _QUEUED and r.key == key:
+                    return r
+        raise AssertionError("a shape with queued rows has no queued request")  # pragma: no cover
+
+    def _take(self, head: _Request, avail: int, now: int, expired: list[_Request]) -> list[_Request]:
+        """Dequeue the batch that `head` starts (lock held): same shape key, FIFO by priority."""
+        if not self._batching:
+            self._queues[head.level].popleft()
+            self._unqueue(head)
+            head.state = _TAKEN
+            return [head]
+        limit = self._max_bs
+        if self._preferred:
+            fitting = [p for p in self._preferred if p <= avail]
+            limit = fitting[-1] if fitting else min(avail, self._max_bs)
+        key = head.key
+        batch: list[_Request] = []
+        rows = 0
+        full = False
+        for level in range(head.level, self._levels):
+            q = self._queues[level]
+            skipped: list[_Request] = []
+            while q:
+                r = q.popleft()
+                if r.state != _QUEUED:
+                    continue
+                if r.key != key:
+                    skipped.append(r)  # other shapes keep their place for their own batches
+                    continue
+                if r.deadline and now >= r.deadline:
+                    self._unqueue(r)
+                    r.state = _TAKEN
+                    expired.append(r)
+                    continue
+                if batch and rows + r.rows > limit:
+                    q.appendleft(r)
+                    full = True
+                    break
+                self._unqueue(r)
+                r.state = _TAKEN
+                batch.append(r)
+                rows += r.rows
+                if rows >= limit:
+                    full = True
+                    break
+            if skipped:
+                q.extendleft(reversed(skipped))
+            if full:
+                break
+        return batch
+
+    def _worker(self, index: int, backend: Backend) -> None:
+        stats = self._counters[index]
+        names = self._input_names
+        label = self._label
+        current = self._current
+        bounds = _BUCKETS_NS
+        bisect_left = bisect.bisect_left
+        monotonic_ns = time.monotonic_ns
+        concatenate = np.concatenate
+        while True:
+            got = self._next_batch()
+            if got is None:
+                return
+            batch, expired = got
+            t_start = monotonic_ns()
+            if expired:
+                self._answer_expired(expired, stats, t_start)
+            if not batch:
+                continue
+            current[index] = batch
+            loop = batch[0].loop
+            n = len(batch)
+            try:
+                if n == 1:
+                    inputs = batch[0].inputs
+                    total = batch[0].rows
+                else:
+                    inputs = {k: concatenate([r.inputs[k] for r in batch]) for k in names}
+                    total = sum(r.rows for r in batch)
+                t_in = monotonic_ns()
+                outputs = backend.infer(inputs)
+                t_infer = monotonic_ns()
+                if n == 1:
+                    results = [outputs]
+                else:
+                    for k, v in outputs.items():
+                        if v.shape[0] != total:
+                            raise ValueError(f"output {k!r} has {v.shape[0]} rows for a batch of {total}")
+                    results = []
+                    off = 0
+                    for r in batch:
+                        end = off + r.rows
+                        results.append({k: v[off:end] for k, v in outputs.items()})
+                        off = end
+                t_end = monotonic_ns()
+            except Exception as e:  # noqa: BLE001 - whatever the backend raised fails only this batch
+                t_end = monotonic_ns()
+                current[index] = None
+                log.error("%s: backend failed on a batch of %d request(s): %s: %s", label, n,
+                          type(e).__name__, e)
+                err = Internal(f"{label} failed: {type(e).__name__}: {e}")
+                stats.failed(err.status, n, n * t_end - sum(r.t0 for r in batch))
+                self._post(loop, batch, None, err)
+                continue
+            current[index] = None
+            # Queue and compute statistics count successful requests only, as Triton's do.
+            for r in batch:
+                q = t_start - r.t0
+                stats.queue_ns += q
+                stats.queue_hist[bisect_left(bounds, q)] += 1
+            stats.queue_count += n
+            d_in, d_infer, d_out = t_in - t_start, t_infer - t_in, t_end - t_infer
+            stats.in_ns += d_in * n
+            stats.infer_ns += d_infer * n
+            stats.out_ns += d_out * n
+            stats.compute_count += n
+            stats.compute_hist[bisect_left(bounds, t_end - t_start)] += n
+            stats.success_count += n
+            stats.success_ns += n * t_end - sum(r.t0 for r in batch)
+            stats.inference_count += total
+            stats.execution_count += 1
+            b = stats.batches[total]
+            b[0] += 1
+            b[1] += d_in
+            b[2] += d_infer
+            b[3] += d_out
+            stats.last_ms = time.time_ns() // 1_000_000
+            self._post(loop, batch, results, None)
+
+    def _answer_expired(self, expired: list[_Request], stats: _Counters, now: int) -> None:
+        for r in expired:
+            stats.failed(Timeout.status, 1, now - r.t0)
+            self._post(r.loop, [r], None, Timeout(
+                f"{self._label}: request timed out after waiting {(now - r.t0) / 1e6:.1f} ms in the queue"))
+
+    def _post(self, loop: asyncio.AbstractEventLoop, batch: list[_Request], results, error) -> None:
+        try:
+            loop.call_soon_threadsafe(self._deliver, batch, results, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting for these answers any more

@@ -1,0 +1,284 @@
+"""HTTP/REST frontend: Open Inference Protocol v2 plus the Triton extensions tools call.
+
+A small HTTP/1.1 server on asyncio (uvloop when installed) with httptools' C parser: keep-alive,
+pipelined requests answered in order, a request-body limit (413) enforced while the body streams
+in, never after buffering it. Handlers only decode (protocol.py), route (ModelManager) and encode;
+every client mistake is a 4xx with a JSON `{"error": ...}` naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from .. import __version__
+from . import protocol
+from .types import BadRequest, InferError, NotFound, PayloadTooLarge
+
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+SERVER_NAME = "serve-kit"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository", "metrics"]
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
+
+_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
+_REPO_PATH = re.compile(r"^/v2/repository/(index|models/([^/]+)/(load|unload))$")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(data, separators=(",", ":")).encode(), {"Content-Type": "application/json"})
+
+
+def error_response(err: InferError) -> Response:
+    return Response(err.status, protocol.encode_error(err), {"Content-Type": "application/json"})
+
+
+class Frontend:
+    """Maps HTTP requests to the ModelManager. Independent of the socket handling below."""
+
+    def __init__(self, manager, metrics_render: Callable[[], bytes] | None = None,
+                 management_token: str | None = None):
+        self.manager = manager
+        self.metrics_render = metrics_render
+        self.management_token = management_token
+
+    async def handle(self, req: Request) -> Response:
+        try:
+            return await self._route(req)
+        except InferError as e:
+            return error_response(e)
+        except Exception as e:  # a bug: answer 500, keep serving, and say so
+            import traceback
+
+            traceback.print_exc()
+            return json_response({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+
+    async def _route(self, req: Request) -> Response:
+        path = req.path.split("?", 1)[0]
+        m = req.method
+        if path == "/v2/health/live":
+            return Response(200 if self.manager.live else 503)
+        if path == "/v2/health/ready":
+            return Response(200 if self.manager.ready else 503)
+        if path == "/v2" and m == "GET":
+            return json_response(protocol.server_metadata(SERVER_NAME, __version__, EXTENSIONS))
+        if path == "/metrics" and m == "GET" and self.metrics_render:
+            return Response(200, self.metrics_render(), {"Content-Type": "text/plain; version=0.0.4"})
+        match = _MODEL_PATH.match(path)
+        if match:
+            return await self._model(req, match.group(1), _version(match.group(2)), match.group(3) or "")
+        match = _REPO_PATH.match(path)
+        if match:
+            return await self._repository(req, match.group(1), match.group(2), match.group(3))
+        raise NotFound(f"no such endpoint: {m} {path}")
+
+    async def _model(self, req: Request, model: str, version: int | None, action: str) -> Response:
+        if action == "/infer":
+            if req.method != "POST":
+                return json_response({"error": "use POST for /infer"}, 405)
+            config = self.manager.config(model)
+            header_len = req.headers.get("inference-header-content-length")
+            try:
+                hl = int(header_len) if header_len is not None else None
+            except ValueError:
+                raise BadRequest(f"Inference-Header-Content-Length is not an integer: {header_len!r}") from None
+            infer_req = protocol.decode_infer_request(req.body, hl, config, model, version)
+            resp = await self.manager.infer(infer_req)
+            body, headers = protocol.encode_infer_response(resp, config, infer_req)
+            return Response(200, body, headers)
+        if req.method != "GET" and not (action == "/stats" and req.method == "POST"):
+            return json_response({"error": f"use GET for {action or 'model metadata'}"}, 405)
+        if action == "/ready":
+            return Response(200 if self.manager.model_ready(model, version) else 400)
+        if action == "/config":
+            return json_response(protocol.model_config_json(self.manager.config(model)))
+        if action == "/stats":
+            return json_response(self.manager.stats(model, version))
+        config = self.manager.config(model)
+        versions = [version] if version is not None else self.manager.versions(model)
+        if version is not None:
+            self.manager.resolve(model, version)
+        return json_response(protocol.model_metadata(config, versions))
+
+    async def _repository(self, req: Request, what: str, model: str | None, action: str | None) -> Response:
+        if req.method != "POST":
+            return json_response({"error": "use POST for the repository extension"}, 405)
+        if what == "index":
+            return json_response(self.manager.index())
+        if self.management_token is None:
+            return json_response({"error": "model management is disabled; start the server with "
+                                           "--enable-management --management-token TOKEN"}, 403)
+        if req.headers.get("authorization", "") != f"Bearer {self.management_token}":
+            return json_response({"error": "missing or wrong management token (Authorization: Bearer TOKEN)"}, 401)
+        result = self.manager.load(model) if action == "load" else self.manager.unload(model)
+        if asyncio.iscoroutine(result):
+            await result
+        return Response(200)
+
+
+def _version(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise BadRequest(f"model version must be a positive integer, got {text!r}")
+    return int(text)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parse with httptools, answer requests strictly in order."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]], max_body: int, server: "HttpServer"):
+        import httptools
+
+        self.handler, self.max_body, self.server = handler, max_body, server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        self._pending: asyncio.Queue | None = None
+        self._writer: asyncio.Task | None = None
+        self._closing = False
+
+    # asyncio.Protocol -----------------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        self._pending = asyncio.Queue()
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc):
+        self._closing = True
+        self.server.connections.discard(self)
+        if self._writer:
+            self._writer.cancel()
+
+    def data_received(self, data: bytes):
+        import httptools
+
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as e:
+            self._fail(400, f"malformed HTTP request: {e}")
+
+    # httptools callbacks --------------------------------------------------------------------
+    def on_message_begin(self):
+        self._url, self._headers, self._body, self._size, self._too_large = b"", {}, [], 0, False
+
+    def on_url(self, url: bytes):
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes):
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self):
+        length = self._headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            self._too_large = True
+
+    def on_body(self, body: bytes):
+        if self._too_large:
+            return
+        self._size += len(body)
+        if self._size > self.max_body:
+            self._too_large = True
+            self._body = []
+            return
+        self._body.append(body)
+
+    def on_message_complete(self):
+        keep_alive = self.parser.should_keep_alive()
+        if self._too_large:
+            resp = error_response(PayloadTooLarge(f"request body exceeds the limit of {self.max_body} bytes "
+                                                  "(--max-body-mb)"))
+            self._pending.put_nowait((_done(resp), False))
+            return
+        req = Request(self.parser.get_method().decode(), self._url.decode("latin-1"), self._headers,
+                      b"".join(self._body))
+        task = asyncio.get_running_loop().create_task(self.handler(req))
+        self.server.in_flight.add(task)
+        task.add_done_callback(self.server.in_flight.discard)
+        self._pending.put_nowait((task, keep_alive))
+
+    # responses ------------------------------------------------------------------------------
+    async def _write_loop(self):
+        while True:
+            task, keep_alive = await self._pending.get()
+            resp = await task
+            if self.transport is None or self.transport.is_closing():
+                return
+            self.transport.write(_serialize(resp, keep_alive))
+            if not keep_alive:
+                self.transport.close()
+                return
+
+    def _fail(self, status: int, message: str):
+        if self.transport and not self.transport.is_closing():
+            self.transport.write(_serialize(json_response({"error": message}, status), False))
+            self.transport.close()
+
+
+def _done(resp: Response) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(resp)
+    return fut
+
+
+def _serialize(resp: Response, keep_alive: bool) -> bytes:
+    head = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Status')}", f"Content-Length: {len(resp.body)}",
+            f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+    if resp.body and "Content-Type" not in resp.headers:
+        head.append("Content-Type: application/json")
+    head.extend(f"{k}: {v}" for k, v in resp.headers.items())
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body
+
+
+class HttpServer:
+    def __init__(self, frontend: Frontend, host: str = "127.0.0.1", port: int = 8000,
+                 max_body: int = DEFAULT_MAX_BODY):
+        self.frontend, self.host, self.port, self.max_body = frontend, host, port, max_body
+        self.server: asyncio.base_events.Server | None = None
+        self.connections: set[_Connection] = set()
+        self.in_flight: set[asyncio.Task] = set()
+
+    async def start(self) -> "HttpServer":
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Connection(self.frontend.handle, self.max_body, self),
+                                               self.host, self.port, reuse_address=True, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish (up to `timeout`), then close."""
+        if self.server:
+            self.server.close()
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=timeout)
+        await asyncio.sleep(0)  # let the write loops send the last responses
+        for conn in list(self.connections):
+            if conn.transport:
+                conn.transport.close()

@@ -1,0 +1,195 @@
+"""Prometheus metrics in the text exposition format (version 0.0.4), rendered on each scrape.
+
+Nothing is recorded here: the schedulers already count everything on their own threads without
+locks (batcher.SchedulerStats), so a scrape reads those counters and formats them. That keeps the
+request path free of metric-library calls and needs no dependency.
+
+Metrics (labels `model`, `version`; counters are cumulative across reloads of a version):
+
+    serve_kit_requests_total{status}            requests answered, by HTTP-like status (200, 400, 500, 503, 504)
+    serve_kit_request_failures_total{status}    the non-200 part of the above
+    serve_kit_inferences_total                  batch items (rows) inferred
+    serve_kit_executions_total                  backend executions (batches)
+    serve_kit_queue_duration_seconds            histogram: time from arrival to the start of its batch
+    serve_kit_compute_duration_seconds          histogram: its batch's compute time (input + infer + output)
+    serve_kit_batch_size                        histogram: rows per execution
+    serve_kit_queue_depth                       gauge: requests waiting
+    serve_kit_inflight_requests                 gauge: requests accepted and not yet answered
+    serve_kit_model_ready                       gauge: 1 when the version is serving
+    process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
+    process_open_fds, process_start_time_seconds   (the names Prometheus client libraries use)
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from typing import TYPE_CHECKING, Iterable
+
+from .batcher import LATENCY_BUCKETS_S, SchedulerStats
+
+if TYPE_CHECKING:
+    from .models import ModelManager
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if v == float("inf"):
+        return "+Inf"
+    return repr(float(v))
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
+
+    def histogram(self, name: str, labels: dict[str, str], bounds: Iterable[float], counts: list[int],
+                  total: float) -> None:
+        """`counts` per bucket (not cumulative), one more than `bounds` (the +Inf bucket)."""
+        cum = 0
+        for le, c in zip([*bounds, float("inf")], counts):
+            cum += c
+            self.sample(f"{name}_bucket", {**labels, "le": _num(le) if le != float("inf") else "+Inf"}, cum)
+        self.sample(f"{name}_sum", labels, total)
+        self.sample(f"{name}_count", labels, cum)
+
+
+def _process_samples(w: _Writer) -> None:
+    cpu = rss = vms = start = None
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        # Fields counted from `state` (the 3rd in proc(5)): utime 14, stime 15, starttime 22,
+        # vsize 23, rss 24 (pages).
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        vms = int(fields[20])
+        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        start = btime + int(fields[19]) / ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = ru.ru_utime + ru.ru_stime
+        # Peak, not current, RSS where /proc is missing; kilobytes on Linux, bytes on macOS.
+        rss = ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    w.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.")
+    w.sample("process_cpu_seconds_total", {}, cpu)
+    w.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+    w.sample("process_resident_memory_bytes", {}, rss)
+    if vms is not None:
+        w.family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.")
+        w.sample("process_virtual_memory_bytes", {}, vms)
+    if start is not None:
+        w.family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.")
+        w.sample("process_start_time_seconds", {}, start)
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = None
+    if fds is not None:
+        w.family("process_open_fds", "gauge", "Number of open file descriptors.")
+        w.sample("process_open_fds", {}, fds)
+
+
+def render_stats(stats: dict[tuple[str, int], SchedulerStats], ready: dict[tuple[str, int], bool] | None = None,
+                 process: bool = True) -> bytes:
+    """The exposition text for per-(model, version) statistics."""
+    w = _Writer()
+    keys = sorted(stats)
+    lab = {k: {"model": k[0], "version": str(k[1])} for k in keys}
+
+    w.family("serve_kit_requests_total", "counter", "Inference requests answered, by status (HTTP code).")
+    for k in keys:
+        s = stats[k]
+        w.sample("serve_kit_requests_total", {**lab[k], "status": "200"}, s.success_count)
+        for status, (count, _) in sorted(s.fail.items()):
+            w.sample("serve_kit_requests_total", {**lab[k], "status": str(status)}, count)
+    w.family("serve_kit_request_failures_total", "counter", "Inference requests that failed, by status (HTTP code).")
+    for k in keys:
+        for status, (count, _) in sorted(stats[k].fail.items()):
+            w.sample("serve_kit_request_failures_total", {**lab[k], "status": str(status)}, count)
+    w.family("serve_kit_inferences_total", "counter", "Batch items (rows) inferred.")
+    for k in keys:
+        w.sample("serve_kit_inferences_total", lab[k], stats[k].inference_count)
+    w.family("serve_kit_executions_total", "counter", "Backend executions (batches).")
+    for k in keys:
+        w.sample("serve_kit_executions_total", lab[k], stats[k].execution_count)
+
+    w.family("serve_kit_queue_duration_seconds", "histogram",
+             "Time a request waited in the queue before its batch started.")
+    for k in keys:
+        s = stats[k]
+        w.histogram("serve_kit_queue_duration_seconds", lab[k], LATENCY_BUCKETS_S, s.queue_hist, s.queue_ns / 1e9)
+    w.family("serve_kit_compute_duration_seconds", "histogram",
+             "Compute time of the batch a request ran in (gather inputs, infer, split outputs).")
+    for k in keys:
+        s = stats[k]
+        per_request_ns = s.compute_input_ns + s.compute_infer_ns + s.compute_output_ns
+        w.histogram("serve_kit_compute_duration_seconds", lab[k], LATENCY_BUCKETS_S, s.compute_hist,
+                    per_request_ns / 1e9)
+    w.family("serve_kit_batch_size", "histogram", "Rows per backend execution.")
+    for k in keys:
+        counts = [0] * (len(BATCH_BUCKETS) + 1)
+        total = 0
+        for size, b in stats[k].batches.items():
+            i = next((j for j, le in enumerate(BATCH_BUCKETS) if size <= le), len(BATCH_BUCKETS))
+            counts[i] += b[0]
+            total += size * b[0]
+        w.histogram("serve_kit_batch_size", lab[k], BATCH_BUCKETS, counts, total)
+
+    w.family("serve_kit_queue_depth", "gauge", "Requests waiting in the queue.")
+    for k in keys:
+        w.sample("serve_kit_queue_depth", lab[k], stats[k].queue_depth)
+    w.family("serve_kit_inflight_requests", "gauge", "Requests accepted and not yet answered.")
+    for k in keys:
+        w.sample("serve_kit_inflight_requests", lab[k], stats[k].inflight)
+    if ready is not None:
+        w.family("serve_kit_model_ready", "gauge", "1 when the model version is loaded and serving.")
+        for k in sorted(ready):
+            w.sample("serve_kit_model_ready", {"model": k[0], "version": str(k[1])}, int(ready[k]))
+    if process:
+        _process_samples(w)
+    return ("\n".join(w.lines) + "\n").encode()
+
+
+class Metrics:
+    """The `/metrics` endpoint's body for a ModelManager: `render()` on each scrape."""
+
+    content_type = CONTENT_TYPE
+
+    def __init__(self, manager: "ModelManager"):
+        self.manager = manager
+
+    def render(self) -> bytes:
+        stats = self.manager.scheduler_stats()
+        ready = {k: state == "READY" for k, state in self.manager.version_states().items()}
+        return render_stats(stats, ready)
+
+
+def render(manager: "ModelManager") -> bytes:
+    return Metrics(manager).render()
+
