@@ -7,7 +7,7 @@ prose (no code, no markup, a sensible length). A fixed seed then shuffles the de
 sentences so that the recipe's calibration and evaluation slices are varied and disjoint.
 
 The output depends on the Python version whose standard library is read (recorded in the file's
-header); re-running it with that version reproduces the file byte for byte.
+header); re-running it with that version reproduces the file byte for byte (`--check`).
 
     python scripts/make_sentences.py            # writes the file
     python scripts/make_sentences.py --check    # exits 1 if the committed file differs
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import platform
 import random
 import re
 import sys
@@ -125,7 +126,7 @@ def collect() -> list[str]:
 def render(lines: list[str]) -> str:
     header = [
         "# Real English sentences from the docstrings of Python's standard library",
-        f"# (Python {sys.version_info.major}.{sys.version_info.minor}), written by scripts/make_sentences.py"
+        f"# (Python {platform.python_version()}), written by scripts/make_sentences.py"
         f" (seed {SEED}). One sentence a line.",
     ]
     return "\n".join(header + lines) + "\n"

@@ -88,7 +88,10 @@ def _quiet_libraries() -> None:
     """torch, ONNX Runtime's quantizers and onnxscript log advice meant for their own developers;
     serve-kit reports what matters itself (in the table and report.json)."""
     import logging
+    import os
     import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     logging.getLogger().setLevel(logging.ERROR)
     for name in ("torch", "onnxscript", "onnx_ir", "onnxruntime"):

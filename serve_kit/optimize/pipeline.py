@@ -7,6 +7,7 @@ that passed is written and the misses are reported.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import platform
@@ -241,18 +242,23 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
                 built[spec.name] = artifact
 
         # -- latency -----------------------------------------------------------------------------
-        runners = {source.reference_name: source.run}
+        # One runner loaded at a time: an ONNX Runtime session that just ran keeps its pool
+        # spinning for a while and steals a core from the next one measured.
+        runners = {source.reference_name: lambda: source.run}
         for rec in report["variants"]:
             if rec["status"] == "passed":
-                runners[rec["name"]] = _backend_for(built[rec["name"]], inputs, outputs).infer
+                runners[rec["name"]] = (lambda a=built[rec["name"]]: _backend_for(a, inputs, outputs).infer)
         sizes = job.latency.batch_sizes
         latency: dict[str, dict[str, Any]] = {}
         with progress.task("measure latency", len(runners) * len(sizes)) as adv:
-            for name, fn in runners.items():
+            for name, make in runners.items():
+                fn = make()
                 latency[name] = {}
                 for b in sizes:
                     latency[name][str(b)] = measure(fn, split.evaluation.tiled(b), b, job.latency.min_seconds).to_dict()
                     adv(1)
+                del fn
+                gc.collect()
         ref_lat = latency[source.reference_name]
         report["reference"]["latency"] = ref_lat
         for rec in report["variants"]:

@@ -88,11 +88,18 @@ class OnnxTarget(Target):
             dims[params[i] if i < len(params) else s.name] = {
                 d: torch.export.Dim.AUTO for d, size in enumerate(s.shape) if size == -1}
         kwargs = {"opset_version": cfg_opset} if (cfg_opset := self.config.opset) else {}
+        # Names are set afterwards: torch 2.13 renames the graph's inputs/outputs without checking
+        # for clashes, so an output called `embedding` collided with the value of the `embedding`
+        # op (Gather) and ONNX Runtime refused the file ("Duplicate definition of name").
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, example_args(ctx), str(path), input_names=inputs, output_names=outputs,
-                              dynamic_shapes=dims, dynamo=True, external_data=False, verbose=False,
-                              report=False, **kwargs)
+            torch.onnx.export(module, example_args(ctx), str(path), dynamic_shapes=dims, dynamo=True,
+                              external_data=False, verbose=False, report=False, **kwargs)
+        import onnx
+
+        model = onnx.load(str(path))
+        if rename_io(model, inputs, outputs):
+            onnx.save(model, str(path))
 
     def _legacy(self, ctx: BuildContext, path) -> None:
         import torch
@@ -118,3 +125,45 @@ def optimize_offline(path, level: str) -> None:
     so.optimized_model_filepath = str(tmp)
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     tmp.replace(path)
+
+
+def _graphs(graph):
+    """`graph` and every subgraph (If/Loop/Scan bodies) below it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(g)
+
+
+def rename_io(model, inputs: list[str], outputs: list[str]) -> bool:
+    """Give the graph's inputs and outputs these names (in order), first renaming any other value
+    that already holds one of them, so that every name stays defined once. Returns whether
+    anything changed."""
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    old_in = [i.name for i in graph.input if i.name not in initializers]
+    old_out = [o.name for o in graph.output]
+    mapping = {o: n for o, n in [*zip(old_in, inputs), *zip(old_out, outputs)] if o != n}
+    if not mapping:
+        return False
+    taken: set[str] = set()
+    for g in _graphs(graph):
+        taken.update(v.name for v in [*g.input, *g.output, *g.value_info, *g.initializer])
+        for node in g.node:
+            taken.update(node.input)
+            taken.update(node.output)
+    for new in list(mapping.values()):
+        if new in taken and new not in mapping:
+            fresh, i = f"{new}_0", 0
+            while fresh in taken or fresh in mapping.values():
+                i += 1
+                fresh = f"{new}_{i}"
+            mapping[new] = fresh
+    for g in _graphs(graph):
+        for v in [*g.input, *g.output, *g.value_info, *g.initializer]:
+            v.name = mapping.get(v.name, v.name)
+        for node in g.node:
+            node.input[:] = [mapping.get(n, n) for n in node.input]
+            node.output[:] = [mapping.get(n, n) for n in node.output]
+    return True

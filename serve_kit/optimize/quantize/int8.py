@@ -4,6 +4,12 @@ Measured on this CPU (see README): static QDQ with per-channel int8 weights and 
 is the fast choice for convolutions; int8 activations were slower for Conv; dynamic quantization
 made convolutions 2-10x slower (ConvInteger), so the dynamic target quantizes only MatMul-like
 ops by default. One mode is never applied blindly to every op type.
+
+Transformers (all-MiniLM-L6-v2, batch 1, sequence 128, ORT 1.32, AVX-512 VNNI): dynamic INT8 of
+the weight MatMuls is the fast and accurate choice, about 2.1x faster than FP32 on one thread
+with cosine 0.993 per-channel. Running ORT's transformer optimizer first (Attention fused, then
+QAttention) was slower, 8.3 vs 7.4 ms, so it is not offered; static QDQ of every MatMul lost too
+much (cosine 0.937 minmax, 0.837 percentile: activation outliers).
 """
 
 from __future__ import annotations
