@@ -9,7 +9,7 @@ import typer
 
 from ..errors import RepositoryError
 from . import app
-from ._common import emit_json, err, out, state
+from ._common import err, out, state
 
 
 @app.command()
@@ -44,11 +44,26 @@ def serve(
 
     def ready(info: dict) -> None:
         if state.json:
-            emit_json({"ready": True, **info})
+            # One line, flushed: a supervisor or test reads the ready event with readline() while
+            # the server keeps running (emit_json's indented document spans lines).
+            import json
+            import sys
+
+            state.emitted = True
+            sys.stdout.write(json.dumps({"ready": True, **info}, separators=(",", ":"), default=str) + "\n")
+            sys.stdout.flush()
         else:
+            from rich.markup import escape
+
+            # Index entries without a version: models in the repository not asked for (--model),
+            # or that failed before any version loaded.
+            serving = [f"{m['name']}/{m['version']}" for m in info["models"] if m["state"] == "READY"]
+            failed = [f"{m['name']}" + (f"/{m['version']}" if "version" in m else "") + f" ({m.get('reason', '')})"
+                      for m in info["models"] if m["state"] != "READY" and m.get("reason") != "not loaded"]
             out.print(f"[green]ready[/]: HTTP {info['http']}"
                       + (f", gRPC {host}:{info['grpc_port']}" if info.get("grpc_port") else "")
-                      + "; models: " + ", ".join(f"{m['name']}/{m['version']}" for m in info["models"]))
+                      + "; models: " + escape(", ".join(serving) or "none")
+                      + (f"; [red]not serving[/]: {escape('; '.join(failed))}" if failed else ""))
 
     options = ServeOptions(repository=repository, models=models or None, host=host, http_port=http_port,
                            grpc_port=None if no_grpc else grpc_port, max_body_bytes=int(max_body_mb * 1024 * 1024),

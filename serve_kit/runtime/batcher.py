@@ -73,6 +73,8 @@ class Scheduler(Protocol):
 
     def close(self) -> None: ...
 
+    def record_refused(self, status: int) -> None: ...
+
     async def drain(self, timeout: float | None = None) -> bool: ...
 
     def stats(self) -> "SchedulerStats": ...
@@ -357,6 +359,11 @@ class DynamicBatcher:
     def _refuse(self, err: InferError) -> InferError:
         self._loop_counters.failed(err.status, 1, 0)
         return err
+
+    def record_refused(self, status: int) -> None:
+        """Count a request that a frontend refused for this version before submitting it (a body
+        that does not decode or fit the model) as a failure with `status`. Event-loop thread only."""
+        self._loop_counters.failed(status, 1, 0)
 
     def _expire(self, req: _Request) -> None:
         with self._cond:

@@ -4,11 +4,20 @@ A small HTTP/1.1 server on asyncio (uvloop when installed) with httptools' C par
 pipelined requests answered in order, a request-body limit (413) enforced while the body streams
 in, never after buffering it. Handlers only decode (protocol.py), route (ModelManager) and encode;
 every client mistake is a 4xx with a JSON `{"error": ...}` naming what was wrong.
+
+An inference request refused here (a body that does not decode or fit the model) is counted in the
+failure statistics of the model version it was for (`/metrics`, `/v2/models/{m}/stats`), like the
+requests the scheduler refuses itself; requests for unknown models or versions are not counted
+(nothing to count them against, and a label per made-up name would let clients grow /metrics).
+
+Shutdown (`HttpServer.close`, then `stop`): the listener closes at once, so new connections are
+refused; requests already received are still answered, with `Connection: close`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,6 +36,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             503: "Service Unavailable", 504: "Gateway Timeout"}
 
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
+_ALL_STATS_PATH = "/v2/models/stats"  # Triton's statistics of every model (tritonclient's default)
 _REPO_PATH = re.compile(r"^/v2/repository/(index|models/([^/]+)/(load|unload))$")
 
 
@@ -51,6 +61,12 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 def error_response(err: InferError) -> Response:
     return Response(err.status, protocol.encode_error(err), {"Content-Type": "application/json"})
+
+
+def not_allowed(allowed: str, message: str) -> Response:
+    resp = json_response({"error": message}, 405)
+    resp.headers["Allow"] = allowed  # RFC 9110: a 405 lists the methods the resource takes
+    return resp
 
 
 class Frontend:
@@ -80,10 +96,18 @@ class Frontend:
             return Response(200 if self.manager.live else 503)
         if path == "/v2/health/ready":
             return Response(200 if self.manager.ready else 503)
-        if path == "/v2" and m == "GET":
+        if path == "/v2":
+            if m != "GET":
+                return not_allowed("GET", "use GET for server metadata")
             return json_response(protocol.server_metadata(SERVER_NAME, __version__, EXTENSIONS))
-        if path == "/metrics" and m == "GET" and self.metrics_render:
+        if path == "/metrics" and self.metrics_render:
+            if m != "GET":
+                return not_allowed("GET", "use GET for /metrics")
             return Response(200, self.metrics_render(), {"Content-Type": "text/plain; version=0.0.4"})
+        if path == _ALL_STATS_PATH:
+            if m not in ("GET", "POST"):
+                return not_allowed("GET, POST", "use GET for statistics")
+            return json_response(self.manager.stats())
         match = _MODEL_PATH.match(path)
         if match:
             return await self._model(req, match.group(1), _version(match.group(2)), match.group(3) or "")
@@ -95,23 +119,31 @@ class Frontend:
     async def _model(self, req: Request, model: str, version: int | None, action: str) -> Response:
         if action == "/infer":
             if req.method != "POST":
-                return json_response({"error": "use POST for /infer"}, 405)
+                return not_allowed("POST", "use POST for /infer")
             config = self.manager.config(model)
             header_len = req.headers.get("inference-header-content-length")
             try:
-                hl = int(header_len) if header_len is not None else None
-            except ValueError:
-                raise BadRequest(f"Inference-Header-Content-Length is not an integer: {header_len!r}") from None
-            infer_req = protocol.decode_infer_request(req.body, hl, config, model, version)
+                try:
+                    hl = int(header_len) if header_len is not None else None
+                except ValueError:
+                    raise BadRequest(f"Inference-Header-Content-Length is not an integer: {header_len!r}") from None
+                infer_req = protocol.decode_infer_request(req.body, hl, config, model, version)
+            except InferError as e:
+                self._count_refused(model, version, e.status)
+                raise
             resp = await self.manager.infer(infer_req)
             body, headers = protocol.encode_infer_response(resp, config, infer_req)
             return Response(200, body, headers)
         if req.method != "GET" and not (action == "/stats" and req.method == "POST"):
-            return json_response({"error": f"use GET for {action or 'model metadata'}"}, 405)
+            return not_allowed("GET, POST" if action == "/stats" else "GET",
+                               f"use GET for {action or 'model metadata'}")
         if action == "/ready":
             return Response(200 if self.manager.model_ready(model, version) else 400)
         if action == "/config":
-            return json_response(protocol.model_config_json(self.manager.config(model)))
+            config = self.manager.config(model)
+            if version is not None:
+                self.manager.resolve(model, version)  # 404 for a version that is not serving
+            return json_response(protocol.model_config_json(config))
         if action == "/stats":
             return json_response(self.manager.stats(model, version))
         config = self.manager.config(model)
@@ -120,20 +152,53 @@ class Frontend:
             self.manager.resolve(model, version)
         return json_response(protocol.model_metadata(config, versions))
 
+    def _count_refused(self, model: str, version: int | None, status: int) -> None:
+        try:
+            scheduler = self.manager.resolve(model, version)
+        except InferError:
+            return  # no version serving to count it against
+        scheduler.record_refused(status)
+
     async def _repository(self, req: Request, what: str, model: str | None, action: str | None) -> Response:
         if req.method != "POST":
-            return json_response({"error": "use POST for the repository extension"}, 405)
+            return not_allowed("POST", "use POST for the repository extension")
         if what == "index":
-            return json_response(self.manager.index())
+            index = self.manager.index()
+            if _body_object(req.body, "repository index").get("ready") is True:
+                index = [m for m in index if m.get("state") == "READY"]
+            return json_response(index)
         if self.management_token is None:
             return json_response({"error": "model management is disabled; start the server with "
                                            "--enable-management --management-token TOKEN"}, 403)
-        if req.headers.get("authorization", "") != f"Bearer {self.management_token}":
+        given = req.headers.get("authorization", "").encode("latin-1")
+        # Constant-time: how long a wrong guess takes must not tell how much of it was right.
+        if not hmac.compare_digest(given, f"Bearer {self.management_token}".encode("utf-8", "surrogatepass")):
             return json_response({"error": "missing or wrong management token (Authorization: Bearer TOKEN)"}, 401)
+        params = _body_object(req.body, action).get("parameters") or {}
+        if type(params) is not dict:
+            raise BadRequest(f"{action}: 'parameters' must be a JSON object")
+        # Triton's config and file overrides would serve something the repository does not hold
+        # (unverified by any manifest): refused, as the gRPC frontend does, rather than ignored.
+        unsupported = sorted(k for k in params if k != "unload_dependents")
+        if unsupported:
+            raise BadRequest(f"{action} {model!r}: parameters {unsupported} are not supported")
         result = self.manager.load(model) if action == "load" else self.manager.unload(model)
         if asyncio.iscoroutine(result):
             await result
         return Response(200)
+
+
+def _body_object(body: bytes, what: str) -> dict:
+    """A request body that is empty or a JSON object (the repository extension's requests)."""
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest(f"the {what} request body is not valid JSON") from None
+    if type(doc) is not dict:
+        raise BadRequest(f"the {what} request body must be a JSON object")
+    return doc
 
 
 def _version(text: str | None) -> int | None:
@@ -145,7 +210,11 @@ def _version(text: str | None) -> int | None:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: parse with httptools, answer requests strictly in order."""
+    """One client connection: parse with httptools, answer requests strictly in order.
+
+    Every answer, including the 400 for a malformed request and the 413 for a body over the
+    limit, goes through one queue, so pipelined requests before a bad one still get theirs first.
+    """
 
     def __init__(self, handler: Callable[[Request], Awaitable[Response]], max_body: int, server: "HttpServer"):
         import httptools
@@ -158,6 +227,9 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._too_large = False
+        self._answered = False  # this message got its (413) answer before its body
+        self._failed = False    # unparseable input: nothing after it is read
+        self._unanswered = 0    # answers queued and not written yet
         self._pending: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
         self._closing = False
@@ -178,6 +250,8 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes):
         import httptools
 
+        if self._failed:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -187,7 +261,8 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks --------------------------------------------------------------------
     def on_message_begin(self):
-        self._url, self._headers, self._body, self._size, self._too_large = b"", {}, [], 0, False
+        self._url, self._headers, self._body, self._size = b"", {}, [], 0
+        self._too_large = self._answered = False
 
     def on_url(self, url: bytes):
         self._url += url
@@ -199,6 +274,14 @@ class _Connection(asyncio.Protocol):
         length = self._headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body:
             self._too_large = True
+        if self._headers.get("expect", "").lower() == "100-continue":
+            # curl and others wait (curl: 1 s) for this before sending a large body. When the body
+            # is over the limit, the final answer comes now instead and the body is never sent.
+            if self._too_large:
+                self._answered = True
+                self._enqueue(_done(self._too_large_response()), False)
+            elif self._unanswered == 0 and self.transport is not None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):
         if self._too_large:
@@ -211,35 +294,49 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self):
+        if self._answered:
+            return
         keep_alive = self.parser.should_keep_alive()
         if self._too_large:
-            resp = error_response(PayloadTooLarge(f"request body exceeds the limit of {self.max_body} bytes "
-                                                  "(--max-body-mb)"))
-            self._pending.put_nowait((_done(resp), False))
+            self._enqueue(_done(self._too_large_response()), False)
             return
         req = Request(self.parser.get_method().decode(), self._url.decode("latin-1"), self._headers,
                       b"".join(self._body))
         task = asyncio.get_running_loop().create_task(self.handler(req))
         self.server.in_flight.add(task)
         task.add_done_callback(self.server.in_flight.discard)
-        self._pending.put_nowait((task, keep_alive))
+        self._enqueue(task, keep_alive)
 
     # responses ------------------------------------------------------------------------------
+    def _too_large_response(self) -> Response:
+        return error_response(PayloadTooLarge(f"request body exceeds the limit of {self.max_body} bytes "
+                                              "(--max-body-mb)"))
+
+    def _enqueue(self, answer: asyncio.Future, keep_alive: bool) -> None:
+        self._unanswered += 1
+        self._pending.put_nowait((answer, keep_alive))
+
     async def _write_loop(self):
         while True:
             task, keep_alive = await self._pending.get()
             resp = await task
+            self._unanswered -= 1
             if self.transport is None or self.transport.is_closing():
                 return
+            # Once the server is shutting down, every answer says so and ends its connection, so
+            # that clients do not send more on a connection about to close.
+            keep_alive = keep_alive and not self.server.closing
             self.transport.write(_serialize(resp, keep_alive))
             if not keep_alive:
                 self.transport.close()
                 return
 
     def _fail(self, status: int, message: str):
-        if self.transport and not self.transport.is_closing():
-            self.transport.write(_serialize(json_response({"error": message}, status), False))
-            self.transport.close()
+        """Answer unparseable input after the answers already owed, then close."""
+        self._failed = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._enqueue(_done(json_response({"error": message}, status)), False)
 
 
 def _done(resp: Response) -> asyncio.Future:
@@ -264,6 +361,7 @@ class HttpServer:
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[_Connection] = set()
         self.in_flight: set[asyncio.Task] = set()
+        self.closing = False
 
     async def start(self) -> "HttpServer":
         loop = asyncio.get_running_loop()
@@ -272,10 +370,16 @@ class HttpServer:
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
-    async def stop(self, timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish (up to `timeout`), then close."""
+    def close(self) -> None:
+        """Stop accepting connections, at once. Requests on open connections are still answered,
+        each with `Connection: close`."""
+        self.closing = True
         if self.server:
             self.server.close()
+
+    async def stop(self, timeout: float) -> None:
+        """close(), let in-flight requests finish (up to `timeout`), then close every connection."""
+        self.close()
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=timeout)
         await asyncio.sleep(0)  # let the write loops send the last responses

@@ -38,6 +38,7 @@ def _install_uvloop() -> None:
 
 
 async def serve(options: ServeOptions, stop: asyncio.Event | None = None) -> int:
+    from ..errors import ServeKitError
     from . import metrics
     from .http import Frontend, HttpServer
     from .models import ModelManager
@@ -53,22 +54,37 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None) -> int
     await manager.start()
     frontend = Frontend(manager, metrics_render=lambda: metrics.render(manager),
                         management_token=options.management_token)
-    http = await HttpServer(frontend, options.host, options.http_port, options.max_body_bytes).start()
-    grpc_server = None
-    if options.grpc_port is not None:
-        from .grpc_service import serve_grpc
+    http = grpc_server = None
+    try:
+        http = await HttpServer(frontend, options.host, options.http_port, options.max_body_bytes).start()
+        if options.grpc_port is not None:
+            from .grpc_service import serve_grpc
 
-        grpc_server = await serve_grpc(manager, options.host, options.grpc_port, options.management_token)
+            grpc_server = await serve_grpc(manager, options.host, options.grpc_port, options.management_token)
+    except OSError as e:  # a port in use, an address not on this host: the user's to fix, not a bug
+        origin = "--http-port" if http is None else "--grpc-port"
+        if http is not None:
+            await http.stop(0)
+        await manager.shutdown(0)
+        raise ServeKitError(f"cannot start the server: {e}", origin=origin,
+                            hint="is another server on that port? Port 0 picks a free one") from None
     info = {"http": f"http://{options.host}:{http.port}", "grpc_port": getattr(grpc_server, "port", None),
             "models": manager.index()}
     if options.on_ready:
         options.on_ready(info)
     await stop.wait()
-    manager.begin_shutdown()  # not ready from now on
-    await http.stop(options.exit_timeout)
-    if grpc_server is not None:
-        await grpc_server.stop(options.exit_timeout)
+    # One deadline for the whole exit: not ready and no new connections at once; what was accepted
+    # finishes (or is answered 503 at the deadline) before any connection closes.
+    deadline = loop.time() + options.exit_timeout
+    manager.begin_shutdown()
+    http.close()
+    grpc_stopping = (asyncio.ensure_future(grpc_server.stop(options.exit_timeout))
+                     if grpc_server is not None else None)
     await manager.shutdown(options.exit_timeout)
+    # The handlers have their answers now (or are finishing a model load): a moment to send them.
+    await http.stop(max(deadline - loop.time(), 0.5))
+    if grpc_stopping is not None:
+        await grpc_stopping
     return 0
 
 
