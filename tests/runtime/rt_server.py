@@ -253,3 +253,18 @@ def perf_analyzer_env() -> tuple[str, dict[str, str]]:
         pytest.skip(f"perf_analyzer cannot run: missing {', '.join(missing)} (libb64.so.0d: "
                     "`apt-get install libb64-0d`; libcudart.so.12: `pip install nvidia-cuda-runtime-cu12`)")
     return exe, env
+
+
+def run_perf_analyzer(exe: str, env: dict[str, str], args: list[str], report: Path) -> float:
+    """Run perf_analyzer with `args` (plus `-f report`), check it succeeded and return the
+    throughput (infer/s) from its CSV. Callers use a fixed --request-count: perf_analyzer's
+    stability search can fail (exit 1) on a busy CI machine whose windows differ too much."""
+    run = subprocess.run([exe, *args, "-f", str(report)], capture_output=True, text=True, env=env, timeout=120)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "Throughput" in out and "infer/sec" in out, out
+    lines = report.read_text().splitlines()
+    assert lines[0].startswith("Concurrency,Inferences/Second") and len(lines) == 2, lines
+    throughput = float(lines[1].split(",")[1])
+    assert throughput > 0
+    return throughput

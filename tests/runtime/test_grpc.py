@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rt_models import config, identity_onnx, mlp_onnx, mlp_weights, seq_onnx, write_version
+from rt_server import perf_analyzer_env, run_perf_analyzer
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the dev extra")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -698,40 +699,10 @@ def test_busy_port_is_an_error(server):
 # perf_analyzer (tritonclient 2.51.0's binary) against the gRPC endpoint
 
 
-def _perf_analyzer_env() -> tuple[str, dict[str, str]]:
-    exe = shutil.which("perf_analyzer", path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.skip("perf_analyzer not found next to the interpreter (it ships in tritonclient 2.51.0's wheel)")
-    env = dict(os.environ)
-    try:
-        import nvidia.cuda_runtime
-
-        libdir = str(Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib")
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
-    except ImportError:
-        pass  # libcudart may still be installed system-wide; ldd below says
-    ldd = subprocess.run(["ldd", exe], capture_output=True, text=True, env=env, timeout=30)
-    missing = [line.split()[0] for line in ldd.stdout.splitlines() if "not found" in line]
-    if missing:
-        pytest.skip(f"perf_analyzer cannot run: missing {', '.join(missing)} (libb64.so.0d: "
-                    "`apt-get install libb64-0d`; libcudart.so.12: `pip install nvidia-cuda-runtime-cu12`)")
-    return exe, env
-
-
 def test_perf_analyzer_over_grpc(server, client, tmp_path):
-    exe, env = _perf_analyzer_env()
-    report = tmp_path / "perf.csv"
-    # A fixed request count instead of perf_analyzer's stability search, which can fail (exit 1)
-    # on a busy CI machine where the latency of three windows differs by more than the threshold.
-    cmd = [exe, "-m", "mlp", "-i", "grpc", "-u", f"127.0.0.1:{server.managed.port}", "-b", "2",
-           "--concurrency-range", "2", "--request-count", "400", "-f", str(report)]
+    exe, env = perf_analyzer_env()
     before = client.get_inference_statistics("mlp", "2", client_timeout=T).model_stats[0].inference_count
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, out
-    assert "Throughput" in out and "infer/sec" in out, out
-    lines = report.read_text().splitlines()
-    assert lines[0].startswith("Concurrency,Inferences/Second") and len(lines) == 2, lines
-    assert float(lines[1].split(",")[1]) > 0
+    run_perf_analyzer(exe, env, ["-m", "mlp", "-i", "grpc", "-u", f"127.0.0.1:{server.managed.port}", "-b", "2",
+                                 "--concurrency-range", "2", "--request-count", "400"], tmp_path / "perf.csv")
     after = client.get_inference_statistics("mlp", "2", client_timeout=T).model_stats[0].inference_count
     assert after - before >= 2 * 400  # it really ran its requests of batch 2 through this server
