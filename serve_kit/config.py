@@ -105,8 +105,9 @@ class TensorSpec(_Strict):
 class DynamicBatching(_Strict):
     """Server-side dynamic batching (Triton's `dynamic_batching`)."""
 
-    max_queue_delay_microseconds: int = Field(default=500, ge=0)
-    """How long a request may wait for others to form a batch."""
+    max_queue_delay_microseconds: int = Field(default=100, ge=0)
+    """How long a request may wait for others to form a batch. 100 us: a lone request then
+    stays within 0.5 ms of in-process inference; 500 us measured +0.79 ms at concurrency 1."""
     preferred_batch_size: list[int] = Field(default_factory=list)
     """Batch sizes the scheduler tries to form (e.g. sizes the backend is fastest at)."""
     max_queue_size: int = Field(default=256, ge=0)
