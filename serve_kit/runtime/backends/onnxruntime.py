@@ -61,4 +61,18 @@ class OnnxRuntimeBackend(Backend):
     def _infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Exports name their outputs after the config; positional renaming covers sources that
         # were exported elsewhere under other names.
-        return dict(zip(self.output_names, self.session.run(None, inputs)))
+        return dict(zip(self.output_names, self.session.run(None, {k: _ort_input(v) for k, v in inputs.items()})))
+
+
+def _ort_input(arr: np.ndarray) -> np.ndarray:
+    """ONNX Runtime string tensors take `str`; given `bytes` (how the protocol decodes BYTES) it
+    silently stores their repr ("b'ab'"). Decode UTF-8 here; other bytes stay a clear error."""
+    if arr.dtype != object or not arr.size or not isinstance(arr.flat[0], (bytes, bytearray)):
+        return arr
+    from ..types import BadRequest
+
+    try:
+        return np.vectorize(lambda b: bytes(b).decode("utf-8"), otypes=[object])(arr)
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"a BYTES input element is not UTF-8 text, which ONNX Runtime string tensors "
+                         f"need: {e}") from None
