@@ -363,9 +363,7 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
                      warmup=old.warmup, parameters=old.parameters)
     if fresh["max_batch_size"] == 0:
         fresh["dynamic_batching"] = None
-    config = parse_model(ModelConfig, {k: (v.model_dump() if hasattr(v, "model_dump") else
-                                           [x.model_dump() for x in v] if isinstance(v, list) else v)
-                                       for k, v in fresh.items()}, f"config for {model_name}")
+    config = parse_model(ModelConfig, fresh, f"config for {model_name}")
     with repo.new_version(model_name) as stage:
         model_file = artifact.path.name
         shutil.copyfile(artifact.path, stage.dir / model_file)

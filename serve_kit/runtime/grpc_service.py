@@ -207,13 +207,6 @@ def decode_infer_request(request: pb.ModelInferRequest, config: ModelConfig,
                         parameters=params)
 
 
-def _output_array(config: ModelConfig, name: str, arr: Any) -> tuple[str, np.ndarray]:
-    # The HTTP codec's rules (config datatype; same-kind numeric conversion; Internal otherwise),
-    # so that both frontends answer the same bytes for the same model output.
-    datatype = protocol._output_datatype(config, name, arr)
-    return datatype, protocol._as_datatype(arr, datatype, name)
-
-
 def encode_infer_response(resp: InferResponse, config: ModelConfig, req: InferRequest) -> pb.ModelInferResponse:
     """Outputs in the request's order (or the config's), data in raw_output_contents."""
     out = pb.ModelInferResponse(model_name=resp.model, model_version=str(resp.version))
@@ -226,7 +219,7 @@ def encode_infer_response(resp: InferResponse, config: ModelConfig, req: InferRe
     for name in names:
         if name not in resp.outputs:
             raise Internal(f"the model returned no output {name!r} (it returned {sorted(resp.outputs)})")
-        datatype, arr = _output_array(config, name, resp.outputs[name])
+        datatype, arr = protocol.output_array(config, name, resp.outputs[name])
         out.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         out.raw_output_contents.append(protocol.array_to_bytes(arr, datatype))
     return out

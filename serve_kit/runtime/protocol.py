@@ -86,27 +86,13 @@ def _q(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "...'"
 
 
-def _jtype(value: object) -> str:
-    """The JSON type name of a parsed value, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
 _PY_TO_JSON = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string",
                list: "array", dict: "object"}
+
+
+def _jtype(value: object) -> str:
+    """The JSON type name of a parsed value, for error messages."""
+    return _PY_TO_JSON.get(type(value), type(value).__name__)
 
 
 def element_count(shape: Sequence[int]) -> int:
