@@ -106,8 +106,12 @@ class DynamicBatching(_Strict):
     """Server-side dynamic batching (Triton's `dynamic_batching`)."""
 
     max_queue_delay_microseconds: int = Field(default=100, ge=0)
-    """How long a request may wait for others to form a batch. 100 us: a lone request then
-    stays within 0.5 ms of in-process inference; 500 us measured +0.79 ms at concurrency 1."""
+    """How long a request may wait for others to form a batch (at most; see adaptive_delay)."""
+    adaptive_delay: bool = True
+    """serve-kit's extension (not in Triton): wait for a fuller batch only while requests arrive
+    at least one per max_queue_delay on average (a moving average of the gaps between arrivals),
+    so that a request that comes alone runs at once instead of waiting for company that will not
+    come. false: Triton's behaviour, every batch short of its size waits out the delay."""
     preferred_batch_size: list[int] = Field(default_factory=list)
     """Batch sizes the scheduler tries to form (e.g. sizes the backend is fastest at)."""
     max_queue_size: int = Field(default=256, ge=0)

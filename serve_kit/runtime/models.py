@@ -439,6 +439,14 @@ class ModelManager:
 
     async def infer(self, req: InferRequest) -> InferResponse:
         """Route, check and run one request; only the requested outputs are returned."""
+        sched, fut = self.infer_nowait(req)
+        return self.response(req, sched, await fut)
+
+    def infer_nowait(self, req: InferRequest) -> tuple[DynamicBatcher, asyncio.Future]:
+        """`infer` without a coroutine: route, check and queue `req`; return the scheduler that
+        took it and the future of its raw outputs (turn them into the answer with `response`).
+
+        Routing and input errors, and refusals (queue full, unknown version), raise here."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
         sched = self.resolve(req.model, req.version)
@@ -450,14 +458,17 @@ class ModelManager:
                 raise BadRequest(f"model {req.model!r} has no outputs {unknown}; outputs: "
                                  f"{sorted(m.output_names)}")
         try:
-            outputs = await sched.submit(req.inputs, req.priority, req.timeout_us)
+            return sched, sched.submit_nowait(req.inputs, req.priority, req.timeout_us)
         except SchedulerClosed:
             # Routed just before a reload swapped the version out: the replacement takes it.
             retry = self.resolve(req.model, req.version)
             if retry is sched:
                 raise
-            sched = retry
-            outputs = await sched.submit(req.inputs, req.priority, req.timeout_us)
+            return retry, retry.submit_nowait(req.inputs, req.priority, req.timeout_us)
+
+    @staticmethod
+    def response(req: InferRequest, sched: DynamicBatcher, outputs: dict) -> InferResponse:
+        """The answer to `req` from the outputs its scheduler returned: the requested ones only."""
         if req.outputs is not None:
             outputs = {o.name: outputs[o.name] for o in req.outputs}
         return InferResponse(model=req.model, version=sched.version, outputs=outputs, id=req.id)

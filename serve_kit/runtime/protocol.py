@@ -515,9 +515,129 @@ def _requested_outputs(value: Any, config: ModelConfig) -> list[RequestedOutput]
     return result
 
 
+class _HeaderPlan:
+    """What a request's JSON header says, checked against the config: everything but the data.
+
+    Clients send the same header again and again (perf_analyzer, tritonclient and most services
+    put no id in it and binary tensors of one shape), so a plan for a header without `data` and
+    without `id` is kept per model config (`plans` of decode_infer_request) and the next identical
+    header skips parsing and checking; only the sizes of the binary data are checked again."""
+
+    __slots__ = ("headers", "entries", "request_id", "params", "priority", "timeout", "binary_output",
+                 "outputs", "reusable")
+
+    def __init__(self, doc: dict, header_length: int | None, config: ModelConfig, max_elements: int):
+        if type(doc) is not dict:
+            _fail(f"the request must be a JSON object, got {_jtype(doc)}")
+        entries = doc.get("inputs")
+        if type(entries) is not list or not entries:
+            _fail(f"'inputs' must be a non-empty array of input objects, got {_jtype(entries)}")
+        for i, item in enumerate(entries):
+            if type(item) is not dict:
+                _fail(f"inputs[{i}] must be an object, got {_jtype(item)}")
+            if type(item.get("name")) is not str:
+                _fail(f"inputs[{i}]: 'name' must be a string, got {_jtype(item.get('name'))}")
+        check_input_names([item["name"] for item in entries], config)
+
+        # Every header is checked before any data is read, so a bad shape is reported as such and
+        # the cost of a rejected request stays small.
+        headers = []
+        all_binary = True
+        for item in entries:
+            name = item["name"]
+            datatype = item.get("datatype")
+            if type(datatype) is not str:
+                _fail(f"input {name!r}: 'datatype' must be a string such as "
+                      f"{_input_spec(config, name).datatype!r}, got {_jtype(datatype)}")
+            shape = item.get("shape")
+            if type(shape) is not list or len(shape) > MAX_RANK or not set(map(type, shape)) <= {int}:
+                _fail(f"input {name!r}: 'shape' must be an array of integers such as "
+                      f"{_input_spec(config, name).shape}, got {_q(shape)}")
+            count = check_input(name, datatype, shape, config, max_elements=max_elements)
+            params = _parameters(item.get("parameters"), f"input {name!r}:")
+            size = params.get("binary_data_size")
+            if size is not None:
+                if header_length is None:
+                    _fail(f"input {name!r} has parameters.binary_data_size but the request has no "
+                          f"{HEADER_LENGTH} header to say where the binary data starts")
+                if "data" in item:
+                    _fail(f"input {name!r} has both 'data' and parameters.binary_data_size; give one")
+                if type(size) is not int or size < 0:
+                    _fail(f"input {name!r}: binary_data_size must be a non-negative integer, got {_q(size)}")
+            elif "data" not in item:
+                _fail(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            else:
+                all_binary = False
+            headers.append((name, datatype, shape, count, size))
+        _check_batch_sizes({h[0]: h[2] for h in headers}, config)
+
+        # The rest of the header too, before the (costlier) tensor data.
+        request_id = doc.get("id")
+        if request_id is not None:
+            if type(request_id) is not str:
+                _fail(f"'id' must be a string, got {_jtype(request_id)}")
+            try:
+                request_id.encode("utf-8")
+            except UnicodeEncodeError:
+                _fail("'id' is not valid Unicode (lone surrogate escape)")
+        params = dict(_parameters(doc.get("parameters"), "request"))
+        priority = _int_param(params, "priority", "request")
+        timeout = _int_param(params, "timeout", "request")
+        binary_output = bool(_bool_param(params, "binary_data_output", "request"))
+        for key in ("priority", "timeout", "binary_data_output"):
+            params.pop(key, None)
+        levels = config.dynamic_batching.priority_levels if config.dynamic_batching else 0
+        if levels and priority > levels:
+            _fail(f"request priority {priority} is not one of the model's levels 1..{levels} (0 = default)")
+        self.outputs = _requested_outputs(doc.get("outputs"), config)
+        self.headers, self.entries, self.request_id, self.params = headers, entries, request_id, params
+        self.priority, self.timeout, self.binary_output = priority, timeout, binary_output
+        # Requests share a reused plan: only plain values and immutable parts go in it (outputs'
+        # and the request's parameters are copied per request).
+        self.reusable = all_binary and request_id is None
+
+    def request(self, view: memoryview, json_end: int, config: ModelConfig, model: str,
+                version: int | None) -> InferRequest:
+        total = view.nbytes
+        offset = json_end
+        arrays: dict[str, np.ndarray] = {}
+        for (name, datatype, shape, count, size), item in zip(self.headers, self.entries):
+            if size is None:
+                arrays[name] = _array_from_json(item["data"], datatype, shape, count, name)
+                continue
+            if offset + size > total:
+                _fail(f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                      f"({total - offset} bytes of binary data are left)")
+            arrays[name] = array_from_bytes(view[offset:offset + size], datatype, shape, name=name)
+            offset += size
+        if offset != total:
+            _fail(f"{total - offset} bytes after the JSON header are not claimed by any input's "
+                  f"binary_data_size ({HEADER_LENGTH} is {json_end}, the body has {total} bytes)")
+        outputs = self.outputs
+        if outputs is not None and self.reusable:
+            outputs = [RequestedOutput(o.name, o.binary, dict(o.parameters)) for o in outputs]
+        return InferRequest(
+            model=model,
+            version=version,
+            inputs=arrays if len(arrays) == 1 else {t.name: arrays[t.name] for t in config.inputs},
+            id=self.request_id,
+            outputs=outputs,
+            priority=self.priority,
+            timeout_us=self.timeout,
+            binary_output=self.binary_output,
+            parameters=dict(self.params) if self.reusable else self.params,
+        )
+
+
+_MAX_PLANS = 64
+"""Header plans kept per model config (a plain bound: the set is cleared when it is full)."""
+_MAX_PLAN_HEADER = 4096
+"""Longest JSON header whose plan is kept (binary-only headers are short)."""
+
+
 def decode_infer_request(body: bytes | bytearray | memoryview, header_length: int | None,
                          config: ModelConfig, model: str, version: int | None,
-                         max_elements: int = DEFAULT_MAX_ELEMENTS) -> InferRequest:
+                         max_elements: int = DEFAULT_MAX_ELEMENTS, plans: dict | None = None) -> InferRequest:
     """Parse and check an inference request body (`POST /v2/models/{model}[/versions/{v}]/infer`).
 
     `header_length` is the `Inference-Header-Content-Length` header as an int (None when absent):
@@ -527,6 +647,9 @@ def decode_infer_request(body: bytes | bytearray | memoryview, header_length: in
     checked before anything is allocated, and the arrays come back in the config's input order.
     Request parameters `priority`, `timeout` (microseconds) and `binary_data_output` fill the
     request's fields; other parameters are kept in `parameters`. Raises BadRequest, only.
+
+    `plans`: a dict owned by the caller for this `config` (and `max_elements`) alone, in which the
+    checked headers of binary requests are kept for reuse (see _HeaderPlan); None keeps nothing.
     """
     view = memoryview(body)
     if view.format != "B" or view.ndim != 1:
@@ -539,95 +662,19 @@ def decode_infer_request(body: bytes | bytearray | memoryview, header_length: in
             _fail(f"{HEADER_LENGTH} is {_q(header_length)} but the body has {total} bytes; it must "
                   f"give the length of the JSON part of the body")
         json_end = header_length
-    doc = _loads(view[:json_end])
-    if type(doc) is not dict:
-        _fail(f"the request must be a JSON object, got {_jtype(doc)}")
-
-    entries = doc.get("inputs")
-    if type(entries) is not list or not entries:
-        _fail(f"'inputs' must be a non-empty array of input objects, got {_jtype(entries)}")
-    for i, item in enumerate(entries):
-        if type(item) is not dict:
-            _fail(f"inputs[{i}] must be an object, got {_jtype(item)}")
-        if type(item.get("name")) is not str:
-            _fail(f"inputs[{i}]: 'name' must be a string, got {_jtype(item.get('name'))}")
-    check_input_names([item["name"] for item in entries], config)
-
-    # Every header is checked before any data is read, so a bad shape is reported as such and the
-    # cost of a rejected request stays small.
-    headers = []
-    for item in entries:
-        name = item["name"]
-        datatype = item.get("datatype")
-        if type(datatype) is not str:
-            _fail(f"input {name!r}: 'datatype' must be a string such as "
-                  f"{_input_spec(config, name).datatype!r}, got {_jtype(datatype)}")
-        shape = item.get("shape")
-        if type(shape) is not list or len(shape) > MAX_RANK or not set(map(type, shape)) <= {int}:
-            _fail(f"input {name!r}: 'shape' must be an array of integers such as "
-                  f"{_input_spec(config, name).shape}, got {_q(shape)}")
-        count = check_input(name, datatype, shape, config, max_elements=max_elements)
-        params = _parameters(item.get("parameters"), f"input {name!r}:")
-        size = params.get("binary_data_size")
-        if size is not None:
-            if header_length is None:
-                _fail(f"input {name!r} has parameters.binary_data_size but the request has no "
-                      f"{HEADER_LENGTH} header to say where the binary data starts")
-            if "data" in item:
-                _fail(f"input {name!r} has both 'data' and parameters.binary_data_size; give one")
-            if type(size) is not int or size < 0:
-                _fail(f"input {name!r}: binary_data_size must be a non-negative integer, got {_q(size)}")
-        elif "data" not in item:
-            _fail(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-        headers.append((name, datatype, shape, count, size))
-    _check_batch_sizes({h[0]: h[2] for h in headers}, config)
-
-    # The rest of the header too, before the (costlier) tensor data.
-    request_id = doc.get("id")
-    if request_id is not None:
-        if type(request_id) is not str:
-            _fail(f"'id' must be a string, got {_jtype(request_id)}")
-        try:
-            request_id.encode("utf-8")
-        except UnicodeEncodeError:
-            _fail("'id' is not valid Unicode (lone surrogate escape)")
-    params = dict(_parameters(doc.get("parameters"), "request"))
-    priority = _int_param(params, "priority", "request")
-    timeout = _int_param(params, "timeout", "request")
-    binary_output = bool(_bool_param(params, "binary_data_output", "request"))
-    for key in ("priority", "timeout", "binary_data_output"):
-        params.pop(key, None)
-    levels = config.dynamic_batching.priority_levels if config.dynamic_batching else 0
-    if levels and priority > levels:
-        _fail(f"request priority {priority} is not one of the model's levels 1..{levels} (0 = default)")
-    outputs = _requested_outputs(doc.get("outputs"), config)
-
-    offset = json_end
-    arrays: dict[str, np.ndarray] = {}
-    for (name, datatype, shape, count, size), item in zip(headers, entries):
-        if size is None:
-            arrays[name] = _array_from_json(item["data"], datatype, shape, count, name)
-            continue
-        if offset + size > total:
-            _fail(f"input {name!r}: binary_data_size {size} runs past the end of the body "
-                  f"({total - offset} bytes of binary data are left)")
-        arrays[name] = array_from_bytes(view[offset:offset + size], datatype, shape, name=name)
-        offset += size
-    if offset != total:
-        _fail(f"{total - offset} bytes after the JSON header are not claimed by any input's "
-              f"binary_data_size ({HEADER_LENGTH} is {json_end}, the body has {total} bytes)")
-
-    return InferRequest(
-        model=model,
-        version=version,
-        inputs={t.name: arrays[t.name] for t in config.inputs},
-        id=request_id,
-        outputs=outputs,
-        priority=priority,
-        timeout_us=timeout,
-        binary_output=binary_output,
-        parameters=params,
-    )
+    header = view[:json_end]
+    key = None
+    if plans is not None and header_length is not None and json_end <= _MAX_PLAN_HEADER:
+        key = header.tobytes()
+        plan = plans.get(key)
+        if plan is not None:
+            return plan.request(view, json_end, config, model, version)
+    plan = _HeaderPlan(_loads(header), header_length, config, max_elements)
+    if key is not None and plan.reusable:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plans[key] = plan
+    return plan.request(view, json_end, config, model, version)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_selective_batching_never_mixes_shapes(tmp_path):
 def test_a_full_batch_of_one_shape_does_not_wait_behind_another_shape(tmp_path):
     cfg = config("p", max_batch_size=4, inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
                  outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, -1]}],
-                 dynamic_batching={"max_queue_delay_microseconds": 400_000})
+                 dynamic_batching={"max_queue_delay_microseconds": 400_000, "adaptive_delay": False})
 
     async def main():
         s = DynamicBatcher(cfg, [probe(tmp_path)])
@@ -155,6 +155,34 @@ def test_a_full_batch_of_one_shape_does_not_wait_behind_another_shape(tmp_path):
     assert [o["y"][0, 0] for o in full] == [0, 2, 4, 6]
     assert full_s < 0.3 <= lone_s  # the width-5 batch went at once; the width-3 one waited its delay
     assert [c["shape"] for c in ProbeBackend.calls] == [(4, 5), (1, 3)]
+
+
+def test_adaptive_delay_runs_a_lone_request_at_once_and_still_batches_a_stream(tmp_path):
+    # A 400 ms delay, the default adaptive_delay: a request after a quiet period does not wait for
+    # company; requests arriving every 20 ms (far more than one per delay) are batched again.
+    cfg = probe_config(max_batch_size=4, dynamic_batching={"max_queue_delay_microseconds": 400_000})
+
+    async def main():
+        s = DynamicBatcher(cfg, [probe(tmp_path)])
+        t0 = time.monotonic()
+        await s.submit({"x": row(-1)})
+        lone_s = time.monotonic() - t0
+        stream = []
+        for i in range(12):
+            stream.append(asyncio.ensure_future(s.submit({"x": row(i)})))
+            await asyncio.sleep(0.02)
+        outs = await asyncio.gather(*stream)
+        await s.drain(5)
+        return lone_s, outs
+
+    lone_s, outs = arun(main())
+    assert lone_s < 0.2  # not the 400 ms delay
+    assert [o["y"][0, 0] for o in outs] == [2.0 * i for i in range(12)]
+    rows = [c["rows"] for c in ProbeBackend.calls[1:]]
+    assert sum(rows) == 12 and max(rows) == 4, rows  # the stream formed full batches again
+    # The first arrivals of the stream came after a quiet period and ran alone or in short
+    # batches; once the arrival rate was known, batches waited to fill up.
+    assert rows[-1] == 4 or rows[-2] == 4, rows
 
 
 def test_preferred_batch_size_and_max_batch_size_cut_batches(tmp_path):
@@ -180,7 +208,9 @@ def test_preferred_batch_size_and_max_batch_size_cut_batches(tmp_path):
 
 
 def test_queue_delay_waits_for_more_but_a_full_batch_goes_at_once(tmp_path):
-    cfg = probe_config(max_batch_size=4, dynamic_batching={"max_queue_delay_microseconds": 300_000})
+    # Triton's semantics: a short batch always waits out the delay (adaptive_delay off).
+    cfg = probe_config(max_batch_size=4, dynamic_batching={"max_queue_delay_microseconds": 300_000,
+                                                           "adaptive_delay": False})
 
     async def main():
         s = DynamicBatcher(cfg, [probe(tmp_path)])

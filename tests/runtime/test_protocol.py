@@ -679,11 +679,53 @@ def test_bin_body_is_valid():
     (lambda: bin_body(s_size=6, s=struct.pack("<I", 4) + b"ab"), "'s': BYTES element 0 claims 4 bytes but only 2"),
     (lambda: bin_body(s_size=10, s=struct.pack("<I", 4) + b"abcdef"), "'s': 2 bytes are left after the 1 BYTES elements"),
 ])
-def test_bad_binary_requests(make, fragment):
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh", "header-plan-cached"])
+def test_bad_binary_requests(make, fragment, cached):
+    # With a plan cache warmed by a valid request, a bad body with the same JSON header takes the
+    # cached path, which must check the data just as strictly.
+    plans = {} if cached else None
+    if cached:
+        decode(*bin_body(), BIN_CONFIG, plans=plans)
+        assert len(plans) == 1
     body, n = make()
     with pytest.raises(BadRequest) as info:
-        decode(body, n, BIN_CONFIG)
+        decode(body, n, BIN_CONFIG, plans=plans)
     assert fragment in info.value.message, info.value.message
+
+
+def test_header_plans_are_reused_only_for_binary_headers_without_id():
+    plans: dict = {}
+    first = decode(*bin_body(f=struct.pack("<2f", 1, 2)), BIN_CONFIG, plans=plans)
+    second = decode(*bin_body(f=struct.pack("<2f", 3, 4)), BIN_CONFIG, plans=plans)
+    assert len(plans) == 1
+    assert first.inputs["f"].tolist() == [[1.0, 2.0]] and second.inputs["f"].tolist() == [[3.0, 4.0]]
+
+    # Per-request parts of a reused plan are copies: one request's changes never reach another's.
+    cfg = make_config([("x", "FP32", [-1, 2])], outputs=(("out", "FP32", [-1, 2]),))
+    body, n = build_body([("x", "FP32", np.ones((1, 2), np.float32))], binary={"x"},
+                         extra={"parameters": {"tag": "a"}, "outputs": [{"name": "out", "parameters": {"binary_data": True, "k": 1}}]})
+    a = decode(body, n, cfg, plans=plans)
+    a.parameters["tag"] = "changed"
+    a.outputs[0].parameters["k"] = 2
+    b = decode(body, n, cfg, plans=plans)
+    assert b.parameters == {"tag": "a"} and b.outputs[0].parameters == {"k": 1} and b.outputs[0].binary is True
+
+    # Not kept: a header with an id (it differs per request) or with JSON data in it.
+    plans.clear()
+    body, n = build_body([("x", "FP32", np.ones((1, 2), np.float32))], binary={"x"}, extra={"id": "r1"})
+    assert decode(body, n, cfg, plans=plans).id == "r1" and not plans
+    body, n = build_body([("x", "FP32", np.ones((1, 2), np.float32)), ("y", "FP32", np.ones((1, 2), np.float32))],
+                         binary={"x"})
+    cfg2 = make_config([("x", "FP32", [-1, 2]), ("y", "FP32", [-1, 2])])
+    assert decode(body, n, cfg2, plans=plans).inputs["y"].tolist() == [[1.0, 1.0]] and not plans
+
+    # Bounded: many distinct headers never hold more than the limit.
+    for rows in range(1, 4):
+        for extra in range(40):
+            body, n = build_body([("x", "FP32", np.ones((rows, 2), np.float32))], binary={"x"},
+                                 extra={"parameters": {"n": extra}})
+            assert decode(body, n, cfg, plans=plans).inputs["x"].shape == (rows, 2)
+            assert len(plans) <= P._MAX_PLANS
 
 
 def test_giant_shapes_are_refused_without_allocating():
