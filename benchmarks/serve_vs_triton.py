@@ -21,7 +21,9 @@ other jobs on a shared machine hits both; the tables give the median over rounds
 
 Sections:
   compare   serve-kit vs Triton, models `mlp` (y = relu(x W1) W2, 512x512 FP32, input [-1, 512])
-            and `digits` (the digits-cnn recipe's FP32 ONNX variant, input [-1, 1, 8, 8]),
+            and `digits` (the digits-cnn recipe's FP32 ONNX variant, input [-1, 1, 8, 8]);
+            `mlp2048` (any `mlpN`: the same MLP N wide) is a model whose weights, 32 MB, dominate
+            each execution, where batching saves compute and not only per-request costs,
             HTTP and gRPC, at each --concurrency.
   batching  serve-kit with dynamic batching (the model's config.yaml) vs `dynamic_batching: null`
             (a second repository, same files), at concurrency 16, alternating. Target: >= 3x.
@@ -162,32 +164,39 @@ def pytriton_worker(spec_path: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # Model repositories (serve-kit's Staging API) and the input data
 
-def build_mlp_repository(root: Path) -> None:
+def mlp_width(name: str) -> int | None:
+    """`mlp` is 512 wide; `mlp2048` (any `mlpN`) is N wide; None for other models."""
+    m = re.fullmatch(r"mlp(\d*)", name)
+    return (int(m.group(1)) if m.group(1) else DIM) if m else None
+
+
+def build_mlp_repository(root: Path, name: str = "mlp") -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from serve_kit.config import ModelConfig
     from serve_kit.repository import Repository
 
+    dim = mlp_width(name)
     rng = np.random.default_rng(0)
-    w1 = (rng.standard_normal((DIM, DIM)) / np.sqrt(DIM)).astype(np.float32)
-    w2 = (rng.standard_normal((DIM, DIM)) / np.sqrt(DIM)).astype(np.float32)
+    w1 = (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
+    w2 = (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "W2"], ["y"])], "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", DIM])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", DIM])],
+         helper.make_node("MatMul", ["r", "W2"], ["y"])], name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dim])],
         initializer=[numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    # serve-kit's defaults for dynamic batching (max_queue_delay 500 us, max_queue_size 256).
-    cfg = ModelConfig(name="mlp", backend="onnxruntime", max_batch_size=32,
-                      inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, DIM]}],
-                      outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, DIM]}],
+    # serve-kit's defaults for dynamic batching (max_queue_delay, max_queue_size 256).
+    cfg = ModelConfig(name=name, backend="onnxruntime", max_batch_size=32,
+                      inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, dim]}],
+                      outputs=[{"name": "y", "datatype": "FP32", "shape": [-1, dim]}],
                       dynamic_batching={})
-    samples = np.random.default_rng(1).standard_normal((8, DIM)).astype(np.float32)
-    with Repository(root).new_version("mlp") as stage:
+    samples = np.random.default_rng(1).standard_normal((8, dim)).astype(np.float32)
+    with Repository(root).new_version(name) as stage:
         (stage.dir / "model.onnx").write_bytes(model.SerializeToString())
         np.savez(stage.dir / "samples.npz", **{"input.x": samples})
         stage.commit(cfg, {"model_file": "model.onnx", "backend": "onnxruntime", "variant": "benchmark"})
@@ -238,7 +247,10 @@ def prepare(workdir: Path, names: list[str]) -> dict[str, Model]:
         repo_off, repo_delay0 = workdir / f"{name}-nobatch-repo", workdir / f"{name}-delay0-repo"
         if not (repo / name / "config.yaml").is_file():
             shutil.rmtree(repo, ignore_errors=True)
-            (build_mlp_repository if name == "mlp" else build_digits_repository)(repo)
+            if mlp_width(name):
+                build_mlp_repository(repo, name)
+            else:
+                build_digits_repository(repo)
         if not (repo_off / name / "config.yaml").is_file():
             shutil.rmtree(repo_off, ignore_errors=True)
             variant(repo, repo_off, name, dynamic_batching=None)

@@ -22,6 +22,10 @@ def serve(
     no_grpc: bool = typer.Option(False, "--no-grpc", help="Do not start the gRPC frontend."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body; larger ones get 413."),
     exit_timeout: float = typer.Option(30.0, "--exit-timeout", help="Seconds to finish in-flight requests on SIGTERM."),
+    read_timeout: float = typer.Option(30.0, "--read-timeout", min=0.1,
+                                       help="Seconds a client may take to send one HTTP request (else 408)."),
+    keep_alive_timeout: float = typer.Option(75.0, "--keep-alive-timeout", min=0.1,
+                                             help="Seconds an idle HTTP keep-alive connection stays open."),
     enable_management: bool = typer.Option(False, "--enable-management",
                                            help="Enable the repository extension's load/unload (needs a token)."),
     management_token: Optional[str] = typer.Option(None, "--management-token", envvar="SERVE_KIT_MANAGEMENT_TOKEN",
@@ -67,7 +71,8 @@ def serve(
 
     options = ServeOptions(repository=repository, models=models or None, host=host, http_port=http_port,
                            grpc_port=None if no_grpc else grpc_port, max_body_bytes=int(max_body_mb * 1024 * 1024),
-                           exit_timeout=exit_timeout,
+                           exit_timeout=exit_timeout, read_timeout=read_timeout,
+                           keep_alive_timeout=keep_alive_timeout,
                            management_token=management_token if enable_management else None, on_ready=ready)
     code = run(options)
     err.print("stopped")

@@ -29,11 +29,19 @@ from . import protocol
 from .types import BadRequest, InferError, NotFound, PayloadTooLarge, Unavailable
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_READ_TIMEOUT = 30.0
+"""Seconds a client may take to send one request once it started (slow senders get 408)."""
+DEFAULT_KEEP_ALIVE_TIMEOUT = 75.0
+"""Seconds an idle keep-alive connection is kept (longer than common client pools' 60 s, so the
+client, not the server, usually closes it: no request is sent on a connection being closed)."""
+MAX_PIPELINED = 128
+"""Answers owed on one connection before the server stops reading from it."""
+SWEEP_INTERVAL = 1.0
 SERVER_NAME = "serve-kit"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository", "metrics"]
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error",
+            405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large", 500: "Internal Server Error",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
@@ -298,10 +306,14 @@ class _Connection(asyncio.Protocol):
         self._failed = False    # unparseable input: nothing after it is read
         # (Response | (future, finish), keep_alive), in request order, not written yet
         self._answers: deque = deque()
+        self._paused = False    # reading paused: too many pipelined answers owed
+        self._reading_since = 0.0  # loop time a partly received request began (0: none)
+        self._idle_since = 0.0     # loop time the connection last had nothing to do
 
     # asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
+        self._idle_since = self.server.now()
         self.server.connections.add(self)
 
     def connection_lost(self, exc):
@@ -324,6 +336,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self):
         self._url, self._headers, self._body, self._size = b"", {}, [], 0
         self._too_large = self._answered = False
+        self._reading_since = self.server.now()
 
     def on_url(self, url: bytes):
         self._url += url
@@ -355,6 +368,7 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self):
+        self._reading_since = 0.0
         if self._answered:
             return
         keep_alive = self.parser.should_keep_alive()
@@ -377,8 +391,14 @@ class _Connection(asyncio.Protocol):
 
     def _enqueue(self, answer, keep_alive: bool) -> None:
         self._answers.append((answer, keep_alive))
-        if len(self._answers) == 1:
+        n = len(self._answers)
+        if n == 1:
             self._flush()
+        elif n >= MAX_PIPELINED and not self._paused and self.transport is not None:
+            # A client that pipelines without reading its answers: stop reading (TCP flow control
+            # slows it down) until the answers owed are written, rather than queue without bound.
+            self._paused = True
+            self.transport.pause_reading()
 
     def _flush(self, _fut=None) -> None:
         """Write the answers at the head of the FIFO that are ready; wait on the first that is not."""
@@ -409,6 +429,21 @@ class _Connection(asyncio.Protocol):
                 transport.close()
                 answers.clear()
                 return
+        self._idle_since = self.server.now()
+        if self._paused and not self._failed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def check_timeouts(self, now: float) -> None:
+        """Called about once a second: end a connection that sends a request too slowly (408) or
+        sits idle past the keep-alive timeout, so that slow or forgotten clients cannot hold the
+        server's connections (and memory) forever."""
+        if self.transport is None or self.transport.is_closing() or self._failed:
+            return
+        if self._reading_since and now - self._reading_since > self.server.read_timeout:
+            self._fail(408, f"the request was not received within {self.server.read_timeout:g} s")
+        elif not self._answers and not self._reading_since and now - self._idle_since > self.server.keep_alive_timeout:
+            self.transport.close()
 
     def _fail(self, status: int, message: str):
         """Answer unparseable input after the answers already owed, then close."""
@@ -428,20 +463,39 @@ def _serialize(resp: Response, keep_alive: bool) -> bytes:
 
 
 class HttpServer:
+    """`read_timeout`: seconds a client may take to send one whole request (head and body) once
+    it started; `keep_alive_timeout`: seconds an idle keep-alive connection stays open."""
+
     def __init__(self, frontend: Frontend, host: str = "127.0.0.1", port: int = 8000,
-                 max_body: int = DEFAULT_MAX_BODY):
+                 max_body: int = DEFAULT_MAX_BODY, read_timeout: float = DEFAULT_READ_TIMEOUT,
+                 keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT):
         self.frontend, self.host, self.port, self.max_body = frontend, host, port, max_body
+        self.read_timeout, self.keep_alive_timeout = read_timeout, keep_alive_timeout
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[_Connection] = set()
-        self.in_flight: set[asyncio.Task] = set()
+        self.in_flight: set[asyncio.Future] = set()
         self.closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def now(self) -> float:
+        return self._loop.time()
 
     async def start(self) -> "HttpServer":
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: _Connection(self.frontend, self.max_body, self),
                                                self.host, self.port, reuse_address=True, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
+        self._sweep()
         return self
+
+    def _sweep(self) -> None:
+        # One timer for all connections, not one per connection or request: timeouts are coarse
+        # (seconds) and the request path stays free of timer churn.
+        now = self._loop.time()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def close(self) -> None:
         """Stop accepting connections, at once. Requests on open connections are still answered,
@@ -455,7 +509,9 @@ class HttpServer:
         self.close()
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=timeout)
-        await asyncio.sleep(0)  # let the write loops send the last responses
+        await asyncio.sleep(0)  # let the last answers go out
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self.connections):
             if conn.transport:
                 conn.transport.close()

@@ -23,6 +23,10 @@ class ServeOptions:
     """None disables gRPC."""
     max_body_bytes: int = 64 * 1024 * 1024
     exit_timeout: float = 30.0
+    read_timeout: float = 30.0
+    """Seconds a client may take to send one whole HTTP request once it started (else 408)."""
+    keep_alive_timeout: float = 75.0
+    """Seconds an idle HTTP keep-alive connection stays open."""
     management_token: str | None = None
     """When set, the repository extension's load/unload is enabled and needs this bearer token."""
     on_ready: Callable[[dict], None] | None = field(default=None, repr=False)
@@ -56,7 +60,9 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None) -> int
                         management_token=options.management_token)
     http = grpc_server = None
     try:
-        http = await HttpServer(frontend, options.host, options.http_port, options.max_body_bytes).start()
+        http = await HttpServer(frontend, options.host, options.http_port, options.max_body_bytes,
+                                read_timeout=options.read_timeout,
+                                keep_alive_timeout=options.keep_alive_timeout).start()
         if options.grpc_port is not None:
             from .grpc_service import serve_grpc
 

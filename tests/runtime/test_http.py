@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -479,6 +480,46 @@ def test_pipelined_requests_before_malformed_input_still_get_their_answers(serve
         bad = c.read_response()
         assert bad.status == 400 and bad.headers["connection"] == "close"
         assert c.closed_by_peer()
+
+
+def test_a_client_pipelining_without_reading_is_paused_not_buffered_without_bound(server):
+    # Far more pipelined requests than the server keeps answers for (MAX_PIPELINED): it stops
+    # reading, the client's writes block on TCP flow control, and once the client reads, every
+    # request is answered, in order.
+    from serve_kit.runtime.http import MAX_PIPELINED
+
+    n = MAX_PIPELINED * 100  # ~600 KB of requests: more than the socket buffers hold
+    paths = [f"/v2/models/nope{i}" if i % 3 == 0 else "/v2/health/live" for i in range(n)]
+    with RawConnection(server.port) as c:
+        sender = threading.Thread(target=lambda: c.send(b"".join(request_bytes("GET", p) for p in paths)),
+                                  daemon=True)
+        sender.start()
+        statuses = [c.read_response().status for _ in range(n)]
+        sender.join(T)
+        assert not sender.is_alive()
+    assert statuses == [404 if i % 3 == 0 else 200 for i in range(n)]
+
+
+def test_slow_and_idle_connections_are_closed(repo):
+    srv = InProcessServer(repo, read_timeout=0.5, keep_alive_timeout=1.0).start()
+    try:
+        with RawConnection(srv.port) as slow:
+            slow.send(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+            t0 = time.monotonic()
+            r = slow.read_response()
+            assert r.status == 408 and "not received within 0.5 s" in r.json()["error"], r
+            assert time.monotonic() - t0 < 5 and slow.closed_by_peer()
+        with RawConnection(srv.port) as idle:
+            idle.send(request_bytes("GET", "/v2/health/live"))
+            assert idle.read_response().status == 200
+            assert idle.closed_by_peer(timeout=5)  # idle past 1 s: closed by the server
+        with RawConnection(srv.port) as busy:  # a connection in use is not idle
+            for _ in range(4):
+                busy.send(request_bytes("GET", "/v2/health/live"))
+                assert busy.read_response().status == 200
+                time.sleep(0.4)
+    finally:
+        srv.stop()
 
 
 def test_keep_alive_reuses_one_connection(server, samples):
