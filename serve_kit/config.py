@@ -102,6 +102,44 @@ class TensorSpec(_Strict):
                              hint="datatypes: " + ", ".join(DATATYPES)) from None
 
 
+class Padding(_Strict):
+    """Bucketed padding (serve-kit's extension): requests whose sequence lengths differ are batched
+    together by padding the shorter ones, which is only correct for a model that ignores padded
+    positions because a mask input says which positions are real (BERT's attention_mask).
+
+    Without it, requests whose variable dimensions differ are never batched together. With it, a
+    request's length is rounded up to a bucket; requests of one bucket form batches, each input
+    padded (with its pad value) to the longest of the batch, never past the bucket, and outputs
+    listed in `outputs` are cut back to each request's own length. Lengths above the largest
+    bucket are batched only with requests of exactly their length."""
+
+    mask_input: str
+    """The input whose zeros mark padded positions (e.g. attention_mask). Required: declaring it
+    is what says padding is safe for this model."""
+    inputs: dict[str, int] = Field(min_length=1)
+    """Input name -> the axis that is padded, counted in the full shape (the batch is axis 0).
+    Must include mask_input."""
+    buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256, 512], min_length=1)
+    """Increasing lengths that requests are grouped by."""
+    pad_values: dict[str, float] = Field(default_factory=dict)
+    """Pad value per input; 0 for inputs not named (token id 0 is BERT's [PAD], mask 0 = padded)."""
+    outputs: dict[str, int] = Field(default_factory=dict)
+    """Output name -> the axis that follows the padded length and is cut back per request (e.g.
+    a per-token output). Outputs not named must not depend on the padded length (pooled ones)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Padding":
+        if self.mask_input not in self.inputs:
+            raise ValueError(f"mask_input {self.mask_input!r} must be one of the padded inputs "
+                             f"{sorted(self.inputs)}")
+        if any(b < 1 for b in self.buckets) or self.buckets != sorted(set(self.buckets)):
+            raise ValueError(f"buckets must be positive and strictly increasing, got {self.buckets}")
+        unknown = sorted(set(self.pad_values) - set(self.inputs))
+        if unknown:
+            raise ValueError(f"pad_values names inputs that are not padded: {unknown}")
+        return self
+
+
 class DynamicBatching(_Strict):
     """Server-side dynamic batching (Triton's `dynamic_batching`)."""
 
@@ -122,6 +160,8 @@ class DynamicBatching(_Strict):
     """Number of priority levels (0 = priorities off); 1 is the highest."""
     default_priority_level: int = Field(default=0, ge=0)
     """Priority of a request that names none."""
+    padding: Padding | None = None
+    """Bucketed padding of variable-length inputs (see Padding); None = lengths never mixed."""
 
 
 class InstanceGroup(_Strict):
@@ -172,6 +212,20 @@ class ModelConfig(_Strict):
                 if not t.shape or t.shape[0] != -1:
                     raise ValueError(f"tensor {t.name!r} must have -1 as its first (batch) dimension "
                                      f"when max_batch_size > 0, got shape {t.shape}")
+        pad = self.dynamic_batching.padding if self.dynamic_batching else None
+        if pad is not None:
+            if self.max_batch_size == 0:
+                raise ValueError("dynamic_batching.padding needs max_batch_size > 0")
+            for kind, axes, specs in (("input", pad.inputs, self.inputs), ("output", pad.outputs, self.outputs)):
+                by_name = {t.name: t for t in specs}
+                for name, axis in axes.items():
+                    t = by_name.get(name)
+                    if t is None:
+                        raise ValueError(f"dynamic_batching.padding names {kind} {name!r}, which the model "
+                                         f"does not have ({kind}s: {sorted(by_name)})")
+                    if not 1 <= axis < len(t.shape) or t.shape[axis] != -1:
+                        raise ValueError(f"dynamic_batching.padding: {kind} {name!r} axis {axis} must be a "
+                                         f"variable (-1) dimension after the batch one; shape is {t.shape}")
         return self
 
 

@@ -16,7 +16,9 @@ Semantics follow Triton's dynamic batcher wherever Triton defines them:
   `max_queue_delay_microseconds`, cut to the largest preferred size available. With
   `adaptive_delay` (serve-kit's default) the delay is only waited while requests arrive at least
   one per delay on average: a request that comes alone runs at once;
-* requests of other shapes stay queued for their own batches: shapes are never mixed;
+* requests of other shapes stay queued for their own batches: shapes are never mixed, unless
+  the config declares bucketed padding safe (`padding`, with a mask input): then lengths of one
+  bucket are padded to the longest of the batch and per-position outputs cut back per request;
 * `max_queue_size` bounds the requests waiting (not running); beyond it `submit` raises
   Unavailable at once;
 * a request's timeout (the model's default; a request may only shorten it) counts until its batch
@@ -246,6 +248,12 @@ class DynamicBatcher:
         # one (or without batching) a single key serves all requests and none is computed.
         self._keyed = [t.name for t in config.inputs
                        if self._batching and any(d == -1 for d in t.shape[1:])]
+        pad = db.padding if self._batching else None
+        # Bucketed padding: input -> (axis, pad value); outputs -> axis cut back per request.
+        self._pad = {n: (axis, (pad.pad_values.get(n, 0))) for n, axis in pad.inputs.items()} if pad else {}
+        self._crop = dict(pad.outputs) if pad else {}
+        self._buckets = list(pad.buckets) if pad else []
+        self._mask = (pad.mask_input, pad.inputs[pad.mask_input]) if pad else None
 
         self._cond = threading.Condition(threading.Lock())
         self._queues: list[deque[_Request]] = [deque() for _ in range(self._levels)]
@@ -346,8 +354,11 @@ class DynamicBatcher:
             rows = 1
         if self._keyed:
             try:
-                key = tuple(inputs[n].shape[1:] for n in self._keyed)
-            except (KeyError, AttributeError):
+                if self._pad:
+                    key = tuple(self._bucketed(n, inputs[n].shape) for n in self._keyed)
+                else:
+                    key = tuple(inputs[n].shape[1:] for n in self._keyed)
+            except (KeyError, AttributeError, IndexError):
                 raise self._refuse(BadRequest(f"{self._label}: inputs must be arrays named "
                                               f"{self._input_names}")) from None
         else:
@@ -383,6 +394,18 @@ class DynamicBatcher:
         if t:
             req.timer = loop.call_later(t / 1e6, self._expire, req)
         return req
+
+    def _bucketed(self, name: str, shape: tuple) -> tuple:
+        """An input's non-batch shape with its padded axis rounded up to its bucket (the batching
+        key): requests of one bucket batch together. Past the largest bucket, the exact length."""
+        pad = self._pad.get(name)
+        if pad is None:
+            return shape[1:]
+        axis = pad[0]
+        n = shape[axis]
+        i = bisect.bisect_left(self._buckets, n)
+        bucket = self._buckets[i] if i < len(self._buckets) else n
+        return shape[1:axis] + (bucket,) + shape[axis + 1:]
 
     def _rows_of(self, inputs: dict[str, np.ndarray]) -> int:
         rows = {inputs[n].shape[0] for n in self._input_names}
@@ -655,9 +678,21 @@ class DynamicBatcher:
             loop = batch[0].loop
             n = len(batch)
             try:
+                padded = False
                 if n == 1:
                     inputs = batch[0].inputs
                     total = batch[0].rows
+                elif self._pad:
+                    inputs = {}
+                    for k in names:
+                        parts = [r.inputs[k] for r in batch]
+                        pad = self._pad.get(k)
+                        if pad is not None and len({a.shape[pad[0]] for a in parts}) > 1:
+                            inputs[k] = _pad_concatenate(parts, *pad)
+                            padded = True
+                        else:
+                            inputs[k] = concatenate(parts)
+                    total = sum(r.rows for r in batch)
                 else:
                     inputs = {k: concatenate([r.inputs[k] for r in batch]) for k in names}
                     total = sum(r.rows for r in batch)
@@ -676,6 +711,8 @@ class DynamicBatcher:
                         end = off + r.rows
                         results.append({k: v[off:end] for k, v in outputs.items()})
                         off = end
+                    if padded and self._crop:
+                        self._crop_outputs(batch, results)
                 t_end = monotonic_ns()
             except Exception as e:  # noqa: BLE001 - whatever the backend raised fails only this batch
                 t_end = monotonic_ns()
@@ -711,6 +748,19 @@ class DynamicBatcher:
             stats.last_ms = time.time_ns() // 1_000_000
             self._post(loop, batch, results, None)
 
+    def _crop_outputs(self, batch: list[_Request], results: list[dict]) -> None:
+        """Cut the per-position outputs of a padded batch back to each request's own length (the
+        length of its mask input)."""
+        mask, mask_axis = self._mask
+        for r, res in zip(batch, results):
+            length = r.inputs[mask].shape[mask_axis]
+            for k, axis in self._crop.items():
+                v = res.get(k)
+                if v is not None and v.shape[axis] > length:
+                    index = [slice(None)] * v.ndim
+                    index[axis] = slice(0, length)
+                    res[k] = v[tuple(index)]
+
     def _answer_expired(self, expired: list[_Request], stats: _Counters, now: int) -> None:
         for r in expired:
             stats.failed(Timeout.status, 1, now - r.t0)
@@ -722,6 +772,23 @@ class DynamicBatcher:
             loop.call_soon_threadsafe(self._deliver, batch, results, error)
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting for these answers any more
+
+
+def _pad_concatenate(parts: list[np.ndarray], axis: int, value: float) -> np.ndarray:
+    """Concatenate on axis 0 arrays that differ in length along `axis`, padding each with `value`
+    up to the longest."""
+    longest = max(a.shape[axis] for a in parts)
+    shape = list(parts[0].shape)
+    shape[0] = sum(a.shape[0] for a in parts)
+    shape[axis] = longest
+    out = np.full(shape, value, dtype=parts[0].dtype)
+    row = 0
+    for a in parts:
+        index = [slice(row, row + a.shape[0])] + [slice(None)] * (a.ndim - 1)
+        index[axis] = slice(0, a.shape[axis])
+        out[tuple(index)] = a
+        row += a.shape[0]
+    return out
 
 
 def _tight_timer_slack() -> None:

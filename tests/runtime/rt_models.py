@@ -70,6 +70,30 @@ def seq_onnx() -> bytes:
     return _finish(graph)
 
 
+def masked_pool_onnx(width: int = 4) -> bytes:
+    """A model that ignores padded positions by its mask, like a BERT encoder with mean pooling:
+    x [batch, seq, width] FP32 and mask [batch, seq] INT64 -> pooled = mean of x over the positions
+    where mask is 1 [batch, width], and tokens = 2 * x * mask [batch, seq, width] (per position)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT),
+         helper.make_node("Unsqueeze", ["m", "axis2"], ["m3"]),
+         helper.make_node("Mul", ["x", "m3"], ["xm"]),
+         helper.make_node("ReduceSum", ["xm", "axis1"], ["total"], keepdims=0),
+         helper.make_node("ReduceSum", ["m", "axis1"], ["count"], keepdims=1),
+         helper.make_node("Div", ["total", "count"], ["pooled"]),
+         helper.make_node("Mul", ["xm", "two"], ["tokens"])], "masked_pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", width]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", width]),
+         helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq", width])],
+        initializer=[numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+                     numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+                     numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    return _finish(graph)
+
+
 def identity_onnx(width: int = 4) -> bytes:
     from onnx import TensorProto, helper
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from rt_models import (ProbeBackend, arun, config, mlp_onnx, mlp_reference, mlp_weights, probe,
+from rt_models import (ProbeBackend, arun, config, masked_pool_onnx, mlp_onnx, mlp_reference, mlp_weights, probe,
                        probe_config, seq_onnx)
 
 from serve_kit.runtime.backends import load_backend
@@ -183,6 +183,57 @@ def test_adaptive_delay_runs_a_lone_request_at_once_and_still_batches_a_stream(t
     # The first arrivals of the stream came after a quiet period and ran alone or in short
     # batches; once the arrival rate was known, batches waited to fill up.
     assert rows[-1] == 4 or rows[-2] == 4, rows
+
+
+def padding_config(**padding):
+    return config("pool", max_batch_size=8,
+                  inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, -1, 4]},
+                          {"name": "mask", "datatype": "INT64", "shape": [-1, -1]}],
+                  outputs=[{"name": "pooled", "datatype": "FP32", "shape": [-1, 4]},
+                           {"name": "tokens", "datatype": "FP32", "shape": [-1, -1, 4]}],
+                  dynamic_batching={"max_queue_delay_microseconds": 300_000, "adaptive_delay": False,
+                                    "padding": {"mask_input": "mask", "inputs": {"x": 1, "mask": 1},
+                                                "outputs": {"tokens": 1}, "buckets": [4, 8], **padding}})
+
+
+def test_bucketed_padding_batches_lengths_of_one_bucket_and_answers_as_unpadded(tmp_path):
+    cfg = padding_config()
+    rng = np.random.default_rng(0)
+    lengths = [2, 3, 4, 5, 7, 9, 9]  # buckets 4, 4, 4, 8, 8, past the largest (exact), exact
+    requests = [{"x": rng.standard_normal((1, n, 4)).astype(np.float32), "mask": np.ones((1, n), np.int64)}
+                for n in lengths]
+    alone = ort(tmp_path, masked_pool_onnx(), outputs=("pooled", "tokens"), name="alone.onnx")
+    expected = [alone.infer(r) for r in requests]
+
+    async def main():
+        s = DynamicBatcher(cfg, [ort(tmp_path, masked_pool_onnx(), outputs=("pooled", "tokens"))])
+        outs = await asyncio.gather(*(s.submit(r) for r in requests))
+        stats = s.stats()
+        await s.drain(5)
+        return outs, stats
+
+    outs, stats = arun(main())
+    # Three batches, not seven: lengths 2-4 padded to 4, 5 and 7 to 7, the two 9s exactly.
+    assert stats.execution_count == 3 and sorted(stats.batches) == [2, 3], stats.batches
+    for n, got, want in zip(lengths, outs, expected):
+        assert got["tokens"].shape == (1, n, 4)  # cut back to the request's own length
+        np.testing.assert_allclose(got["tokens"], want["tokens"], rtol=1e-6)
+        np.testing.assert_allclose(got["pooled"], want["pooled"], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_config_is_checked_against_the_model():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="mask_input 'attention' must be one of the padded inputs"):
+        padding_config(mask_input="attention")
+    with pytest.raises(ValidationError, match="names input 'ids', which the model does not have"):
+        padding_config(inputs={"ids": 1, "mask": 1})
+    with pytest.raises(ValidationError, match="input 'x' axis 2 must be a variable"):
+        padding_config(inputs={"x": 2, "mask": 1})
+    with pytest.raises(ValidationError, match="strictly increasing"):
+        padding_config(buckets=[8, 4])
+    with pytest.raises(ValidationError, match="pad_values names inputs that are not padded"):
+        padding_config(pad_values={"other": 1})
 
 
 def test_preferred_batch_size_and_max_batch_size_cut_batches(tmp_path):
