@@ -11,6 +11,7 @@ from rt_models import (ProbeBackend, arun, config, mlp_onnx, mlp_reference, mlp_
                        seq_onnx, torchscript_mlp, write_probe, write_version)
 
 from serve_kit.errors import ModelLoadError
+from serve_kit.runtime.backends import load_backend
 from serve_kit.runtime.models import ModelLoadFailed, ModelManager, default_intra_op_threads
 from serve_kit.runtime.types import BadRequest, InferRequest, NotFound, RequestedOutput, Unavailable
 
@@ -379,6 +380,30 @@ def test_torchscript_model_is_served_with_batching(tmp_path):
     for x, o in zip(xs, outs):
         np.testing.assert_array_equal(o.outputs["y"], mlp_reference(x, w1, w2))
     assert max(b["batch_size"] for b in stats["model_stats"][0]["batch_stats"]) > 1
+
+
+def test_torchscript_runs_with_the_servers_thread_count_in_its_worker_thread(tmp_path):
+    # torch's width is per calling thread: the backend sets it in the thread that runs the model,
+    # and leaves other threads (here the test's own) as they were.
+    import threading
+
+    import torch
+
+    w1, w2 = mlp_weights(16, 32, 4, seed=5, integer=True)
+    path = tmp_path / "model.pt"
+    path.write_bytes(torchscript_mlp(w1, w2))
+    mine = torch.get_num_threads()
+    seen = []
+
+    def worker():
+        b = load_backend("torchscript", path, ["y"], {"intra_op_threads": 1})
+        b.infer({"x": x16(1)})
+        seen.append(torch.get_num_threads())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(30)
+    assert seen == [1] and torch.get_num_threads() == mine
 
 
 def test_instances_leave_a_core_to_the_event_loop():
