@@ -177,6 +177,15 @@ class VersionPolicy(_Strict):
     all: bool = False
     specific: list[int] | None = None
 
+    def select(self, numbers: list[int]) -> list[int]:
+        """The versions to serve out of `numbers` (those present, ascending). `specific` ones are
+        returned even when absent: the caller reports those as missing."""
+        if self.specific:
+            return sorted(set(self.specific))
+        if self.all:
+            return list(numbers)
+        return numbers[-(self.latest or 1):]
+
 
 class Warmup(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1])

@@ -133,7 +133,9 @@ def default_intra_op_threads(cores: int, instances: int) -> int:
     return max(1, (cores - 1) // max(1, instances))
 
 
-def _options(config: ModelConfig, cores: int) -> dict[str, Any]:
+def backend_options(config: ModelConfig, cores: int) -> dict[str, Any]:
+    """The options the server loads a version's backend with (config.yaml `parameters`, and the
+    intra-op thread count from the cores and instances); `serve-kit bench` uses the same."""
     opts: dict[str, Any] = {}
     for k, v in config.parameters.items():
         # config.yaml parameters are strings (Triton's convention); backends expect flags as bools.
@@ -346,12 +348,7 @@ class ModelManager:
             return _Model(name, None, reason=f"config.yaml names model {config.name!r}, but its directory is {name!r}")
         numbers = self.repository.version_numbers(name)
         policy = config.version_policy
-        if policy.specific:
-            wanted = sorted(set(policy.specific))
-        elif policy.all:
-            wanted = numbers
-        else:
-            wanted = numbers[-(policy.latest or 1):]
+        wanted = policy.select(numbers)
         if not wanted:
             return _Model(name, config, reason="no versions to serve"
                           + (f" (version_policy {policy.model_dump(exclude_defaults=True)})" if numbers else ""))
@@ -382,7 +379,7 @@ class ModelManager:
         model_file = info.model_file
         if model_file is None:
             raise ModelLoadError("manifest.json names no model_file", origin=str(info.path))
-        opts = _options(config, self.cores)
+        opts = backend_options(config, self.cores)
         t0 = time.perf_counter()
         instances: list[Backend] = []
         try:
