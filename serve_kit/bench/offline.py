@@ -1,13 +1,23 @@
-"""In-process latency measurement (used by optimize's selection; `serve-kit bench` builds on it).
+"""In-process latency measurement.
 
-Warm-up runs are excluded; each batch size is run for at least `min_seconds` and at least
-`min_iterations` times, on real samples, and reported as percentiles of per-call wall time.
+`measure`: optimize's variant selection. Warm-up runs are excluded; each batch size is run for at
+least `min_seconds` and at least `min_iterations` times, on real samples, and reported as
+percentiles of per-call wall time.
+
+`run_offline` (`serve-kit bench REPO`): every version of a repository's models, loaded through
+the runtime's own backends with the server's options, over a batch-size sweep. After a warm-up,
+equal windows are measured until the last three agree (p50 and throughput within the stability
+percentage) or the window limit is reached, when the result is marked UNSTABLE. Every call is
+recorded (HdrHistogram); peak memory is the RSS high-water mark (reset per batch size) above the
+RSS before the model was loaded; FLOPs per sample come from the ONNX graph (flops.py) and are
+reported as a fraction of this machine's measured FP32 GEMM peak.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -46,3 +56,370 @@ def measure(fn: Callable[[dict[str, np.ndarray]], object], inputs: dict[str, np.
     ms = np.asarray(times) * 1e3
     return Latency(batch_size, len(ms), float(np.percentile(ms, 50)), float(np.percentile(ms, 90)),
                    float(np.percentile(ms, 99)), float(ms.mean()))
+
+
+# ---------------------------------------------------------------------------------------------
+# `serve-kit bench REPO`: every version of every model, over a batch-size sweep
+
+
+@dataclass
+class OfflineJob:
+    """An offline benchmark (`serve-kit bench REPO [--model M]`)."""
+
+    repository: Path
+    models: list[str] | None = None
+    """Models to measure (default: all in the repository)."""
+    versions: list[int] | None = None
+    """Versions to measure (default: every version present)."""
+    batch_sizes: list[int] | None = None
+    """Default: 1, 8 and 32, capped at each model's max_batch_size (1 when it does not batch)."""
+    warmup_s: float = 0.5
+    window_s: float = 0.5
+    min_windows: int = 3
+    max_windows: int = 10
+    stability_pct: float = 10.0
+    synthetic: bool = False
+    """Random inputs for versions without samples.npz (labelled SYNTHETIC)."""
+    flops: bool = True
+    """Count FLOPs (ONNX versions) and calibrate this machine's GEMM peak."""
+
+
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+MIN_CALLS_PER_WINDOW = 3
+
+
+def run_offline(job: OfflineJob, progress=None) -> dict:
+    """Measure every selected version through the runtime's own backends, with the options the
+    server gives them, so the numbers are those of what is served.
+
+    Each version runs in a fresh interpreter (`python -m serve_kit.bench.offline`): its memory
+    figures are its own, and no thread pool of a version measured before keeps spinning on the
+    cores (two ONNX Runtime sessions in one process measurably disturb each other).
+    """
+    from ..errors import RepositoryError, UsageError
+    from ..progress import ProgressSink
+    from ..repository import Repository
+    from ..runtime.models import available_cores, backend_options
+    from .report import environment
+
+    progress = progress or ProgressSink()
+    repo = Repository(Path(job.repository))
+    if not repo.exists():
+        raise RepositoryError("repository folder not found", value=str(job.repository), origin="REPOSITORY",
+                              hint="write one with `serve-kit optimize --recipe digits-cnn -r PATH`")
+    names = job.models or repo.models()
+    if not names:
+        raise RepositoryError("no models in the repository", value=str(job.repository), origin="REPOSITORY")
+    for m in names:
+        if m not in repo.models():
+            raise UsageError("no such model in the repository", value=m, origin="--model",
+                             hint=f"models: {', '.join(repo.models()) or 'none'}")
+    plan = []
+    for name in names:
+        config = repo.config(name)
+        numbers = repo.version_numbers(name)
+        if not numbers:
+            raise RepositoryError("model has no versions", value=name, origin=str(repo.root / name))
+        wanted = job.versions or numbers
+        missing = [v for v in wanted if v not in numbers]
+        if missing:
+            raise UsageError(f"model {name!r} has no version {missing[0]}", value=missing[0], origin="--version",
+                             hint=f"versions: {', '.join(map(str, numbers))}")
+        sizes = _batch_sizes(job, config)
+        for v in wanted:
+            info = repo.version(name, v)
+            problems = repo.verify_version(info)
+            if problems:
+                raise RepositoryError("version failed verification, refusing to measure it: " + "; ".join(problems),
+                                      value=f"{name}/{v}", origin=str(info.path),
+                                      hint="`serve-kit inspect` shows what changed")
+            plan.append((config, info, sizes))
+    env = environment()
+    peak = None
+    if job.flops and any(((i.manifest or {}).get("backend") or c.backend) == "onnxruntime" for c, i, _ in plan):
+        from .flops import gemm_peak
+
+        threads = int(backend_options(plan[0][0], available_cores()).get("intra_op_threads", 0))
+        with progress.task("calibrating this machine's FP32 GEMM peak", None):
+            peak = gemm_peak(threads)
+    results, skipped, model_hashes, any_synthetic = [], [], {}, False
+    for config, info, sizes in plan:
+        manifest = info.manifest or {}
+        backend_name = manifest.get("backend") or config.backend
+        for rel, meta in (manifest.get("files") or {}).items():
+            if rel == manifest.get("model_file") and isinstance(meta, dict):
+                model_hashes[f"{config.name}/{info.version}/{rel}"] = meta.get("sha256")
+        spec = {"repository": str(job.repository), "model": config.name, "version": info.version, "sizes": sizes,
+                "warmup_s": job.warmup_s, "window_s": job.window_s, "min_windows": job.min_windows,
+                "max_windows": job.max_windows, "stability_pct": job.stability_pct, "synthetic": job.synthetic,
+                "flops": job.flops}
+        out = _run_child(spec, progress, f"{config.name} v{info.version} ({backend_name})",
+                         len(sizes) * job.max_windows)
+        if "unavailable" in out:
+            skipped.append({"model": config.name, "version": info.version, "backend": backend_name,
+                            "reason": out["unavailable"]})
+            progress.warn(f"{config.name} v{info.version} ({backend_name}): not measured: {out['unavailable']}")
+            continue
+        for r in out["rows"]:
+            r.update(variant=manifest.get("variant", "?"), precision=manifest.get("precision"))
+            any_synthetic |= r["synthetic"]
+            f = r.get("flops") or {}
+            if peak and f.get("per_sample"):
+                f["achieved_per_s"] = f["per_sample"] * r["throughput"]
+                f["fraction_of_peak"] = f["achieved_per_s"] / peak["flops_per_s"]
+        results.extend(out["rows"])
+    if any_synthetic:
+        progress.warn("WARNING: some versions were measured on SYNTHETIC random inputs (--synthetic)")
+    return {
+        "format": "serve-kit/bench@1",
+        "kind": "offline",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": env,
+        "repository": str(job.repository),
+        "model_hashes": model_hashes,
+        "synthetic": any_synthetic,
+        "settings": {"batch_sizes": job.batch_sizes, "warmup_s": job.warmup_s, "window_s": job.window_s,
+                     "min_windows": job.min_windows, "max_windows": job.max_windows,
+                     "stability_pct": job.stability_pct},
+        "peak": peak,
+        "results": results,
+        "skipped": skipped,
+        "warnings": [w for r in results for w in r["warnings"]],
+    }
+
+
+def _run_child(spec: dict, progress, label: str, total: int) -> dict:
+    """Measure one version in a fresh interpreter; its progress and result come back as JSON lines."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .. import errors
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-m", "serve_kit.bench.offline"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc.stdin.write(json.dumps(spec))
+    proc.stdin.close()
+    result = None
+    try:
+        with progress.task(label, total) as advance:
+            for line in proc.stdout:
+                msg = json.loads(line)
+                if "advance" in msg:
+                    advance(msg["advance"])
+                elif "log" in msg:
+                    progress.log(msg["log"], msg.get("style", ""))
+                else:
+                    result = msg
+        stderr = proc.stderr.read()
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if result is not None and "error" in result:
+        e = result["error"]
+        cls = getattr(errors, e["error"], errors.ServeKitError)
+        if not (isinstance(cls, type) and issubclass(cls, errors.ServeKitError)):
+            cls = errors.ServeKitError
+        raise cls(e["message"], value=e.get("value"), origin=e.get("origin"), hint=e.get("hint"))
+    if result is None or rc != 0:
+        raise RuntimeError(f"measuring {label} failed (exit {rc}):\n{stderr[-4000:]}")
+    return result
+
+
+class _Unavailable(Exception):
+    """A backend that cannot run here (e.g. torch not installed)."""
+
+
+def _batch_sizes(job: OfflineJob, config) -> list[int]:
+    from ..errors import UsageError
+
+    if config.max_batch_size == 0:
+        if job.batch_sizes and job.batch_sizes != [1]:
+            raise UsageError(f"model {config.name!r} does not batch (max_batch_size 0): only batch size 1",
+                             value=job.batch_sizes, origin="--batch-sizes")
+        return [1]
+    if job.batch_sizes:
+        over = [b for b in job.batch_sizes if b > config.max_batch_size]
+        if over:
+            raise UsageError(f"batch size {over[0]} is over model {config.name!r}'s max_batch_size "
+                             f"{config.max_batch_size}", value=over[0], origin="--batch-sizes")
+        return list(job.batch_sizes)
+    return sorted({min(b, config.max_batch_size) for b in DEFAULT_BATCH_SIZES})
+
+
+def _samples(config, version_dir: Path, synthetic: bool, what: str) -> tuple[dict[str, np.ndarray], bool]:
+    """Batch-first real inputs from the version's samples.npz (a non-batching model's samples get
+    a leading sample dimension), or random ones when asked for."""
+    from ..config import TensorSpec
+    from ..errors import DataError
+    from ..optimize import calibration as cal
+
+    batching = config.max_batch_size > 0
+    specs = list(config.inputs) if batching else [TensorSpec(name=t.name, datatype=t.datatype, shape=[-1, *t.shape])
+                                                  for t in config.inputs]
+    path = version_dir / "samples.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k[len("input."):]: z[k] for k in z.files if k.startswith("input.")}
+        return cal.to_dataset(arrays, specs, "labels", str(path)).inputs, False
+    if not synthetic:
+        raise DataError(f"{what} has no samples.npz to measure with", value=str(version_dir),
+                        hint="versions written by `serve-kit optimize` have one; or measure on random inputs "
+                             "with --synthetic")
+    return cal.synthetic(specs, 16).inputs, True
+
+
+def _batch(samples: dict[str, np.ndarray], b: int, batching: bool) -> dict[str, np.ndarray]:
+    if not batching:
+        return {k: np.ascontiguousarray(v[0]) for k, v in samples.items()}
+    n = len(next(iter(samples.values())))
+    idx = np.arange(b) % n
+    return {k: np.ascontiguousarray(v[idx]) for k, v in samples.items()}
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so that the next peak is this batch size's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
+    """The child's work: load one version like the server does and measure each batch size."""
+    from ..repository import Repository
+    from ..runtime.backends import backend_class, load_backend
+    from ..runtime.models import available_cores, backend_options  # the server's backend options, exactly
+    from . import stats
+
+    repo = Repository(Path(spec["repository"]))
+    config = repo.config(spec["model"])
+    info = repo.version(spec["model"], spec["version"])
+    backend_name = (info.manifest or {}).get("backend") or config.backend
+    samples, synthetic = _samples(config, info.path, spec["synthetic"], f"{config.name}/{info.version}")
+    batching = config.max_batch_size > 0
+    opts = backend_options(config, available_cores())
+    flops = None
+    if spec["flops"] and backend_name == "onnxruntime":
+        from .flops import count_flops
+
+        one = _batch(samples, 1, batching)
+        try:
+            flops = count_flops(info.model_file, {k: list(v.shape) for k, v in one.items()})
+        except Exception as e:  # noqa: BLE001 - a model we cannot count is still measured
+            flops = {"flops": None, "error": f"{type(e).__name__}: {e}"}
+    try:
+        backend_class(backend_name)  # imports its library now, so the memory below is the model's
+        import gc
+
+        gc.collect()
+        rss0 = _proc_status("VmRSS")
+        backend = load_backend(backend_name, info.model_file, [o.name for o in config.outputs], opts)
+    except ImportError as e:
+        return {"unavailable": f"{e.name or e} is not installed"}
+    rss_loaded = _proc_status("VmRSS")
+    rows = []
+    for b in spec["sizes"]:
+        inputs = _batch(samples, b, batching)
+        peak_tracked = _reset_peak_rss()
+        deadline = time.perf_counter() + spec["warmup_s"]
+        n = 0
+        while n < MIN_CALLS_PER_WINDOW or time.perf_counter() < deadline:
+            backend.infer(inputs)
+            n += 1
+        windows, hist = [], stats.new_histogram()
+        while len(windows) < spec["max_windows"]:
+            times = []
+            t_start = time.perf_counter_ns()
+            end = t_start + int(spec["window_s"] * 1e9)
+            while len(times) < MIN_CALLS_PER_WINDOW or time.perf_counter_ns() < end:
+                t0 = time.perf_counter_ns()
+                backend.infer(inputs)
+                times.append(time.perf_counter_ns() - t0)
+            elapsed = (time.perf_counter_ns() - t_start) / 1e9
+            wh = stats.new_histogram()
+            stats.record_many(wh, times)
+            hist.add(wh)
+            ws = stats.summary(wh)
+            windows.append({"calls": len(times), "seconds": elapsed, "p50_ms": ws["p50_ms"], "p99_ms": ws["p99_ms"],
+                            "throughput": len(times) * b / elapsed})
+            emit({"advance": 1})
+            if len(windows) >= spec["min_windows"] and stats.is_stable(
+                    [w["p50_ms"] for w in windows], [w["throughput"] for w in windows], spec["stability_pct"]):
+                break
+        emit({"advance": spec["max_windows"] - len(windows)})
+        peak = _proc_status("VmHWM")
+        s = stats.summary(hist)
+        stable = stats.is_stable([w["p50_ms"] for w in windows], [w["throughput"] for w in windows],
+                                 spec["stability_pct"])
+        calls = sum(w["calls"] for w in windows)
+        seconds = sum(w["seconds"] for w in windows)
+        key = f"{config.name}/v{info.version}/b{b}"
+        row = {
+            "key": key, "model": config.name, "version": info.version, "backend": backend_name, "batch_size": b,
+            "synthetic": synthetic, "calls": calls, "windows_measured": len(windows), "stable": stable,
+            **{k: v for k, v in s.items() if k != "count"},
+            "throughput": calls * b / seconds if seconds else 0.0,
+            "per_window": {"throughput": [w["throughput"] for w in windows],
+                           "p50_ms": [w["p50_ms"] for w in windows], "p99_ms": [w["p99_ms"] for w in windows]},
+            "windows": windows,
+            "memory": {"rss_before_load_bytes": rss0,
+                       "load_rss_delta_bytes": (rss_loaded - rss0) if rss0 and rss_loaded else None,
+                       "peak_rss_delta_bytes": (peak - rss0) if peak and rss0 and peak_tracked else None},
+            "threads": {"intra_op": opts.get("intra_op_threads")},
+            "histogram": stats.encode(hist),
+            "warnings": [],
+        }
+        if flops is not None:
+            row["flops"] = ({"per_sample": flops["flops"], "by_op": flops["by_op"], "complete": flops["complete"],
+                             "uncounted": flops["uncounted"]} if flops.get("flops")
+                            else {"per_sample": None, "error": flops.get("error", "no MatMul/Gemm/Conv counted")})
+        if not stable:
+            row["warnings"].append(
+                f"{key}: UNSTABLE: the last {stats.STABLE_WINDOWS} of {len(windows)} windows differ by more than "
+                f"{spec['stability_pct']:g}% (p50 spread {stats.spread([w['p50_ms'] for w in windows[-3:]]):.1f}%, "
+                f"throughput spread {stats.spread([w['throughput'] for w in windows[-3:]]):.1f}%)")
+        rows.append(row)
+    return {"rows": rows}
+
+
+def _child_main() -> None:
+    import json
+    import sys
+
+    from ..errors import ServeKitError
+
+    spec = json.loads(sys.stdin.read())
+    out = sys.stdout
+
+    def emit(msg: dict) -> None:
+        out.write(json.dumps(msg) + "\n")
+        out.flush()
+
+    try:
+        emit(_measure_version(spec, emit))
+    except ServeKitError as e:
+        emit({"error": e.to_dict()})
+
+
+if __name__ == "__main__":
+    _child_main()
