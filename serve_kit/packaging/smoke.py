@@ -1,0 +1,167 @@
+"""`--smoke-test`: run the built image, wait until it is healthy, send each packaged model version its
+stored evaluation samples (`samples.npz`: `input.<name>` and the reference's `reference.<name>`) over
+HTTP (Open Inference Protocol, JSON), and compare the answers with the reference at the bar the
+version was validated at: no output may be further from the reference than the worst error recorded
+in its manifest over the whole evaluation set (plus float slack), and no sample's cosine lower than
+the lowest recorded. The container is stopped and removed in every case.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..repository import VersionInfo
+from .context import GRPC_PORT, HTTP_PORT
+from .engine import host_port, wait_health
+from .errors import PackagingError, SmokeTestFailed
+
+# Without a validation record (a version not written by optimize): FP32 export tolerances.
+DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE = 1e-3, 0.9999
+
+
+def _post(url: str, body: dict, timeout: float = 30) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise SmokeTestFailed(f"the image answered HTTP {e.code} to an inference: {e.read()[:300]!r}",
+                              origin=url) from None
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def compare(config: ModelConfig, manifest: dict, outputs: dict[str, np.ndarray],
+            reference: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per output: max abs error and minimum per-sample cosine against the reference, the limits from
+    the manifest's validation, and whether they hold."""
+    recorded = ((manifest.get("validation") or {}).get("errors")) or {}
+    result = {}
+    for spec in config.outputs:
+        if spec.name not in reference:
+            continue
+        ref = reference[spec.name].astype(np.float64)
+        got = outputs.get(spec.name)
+        if got is None:
+            result[spec.name] = {"passed": False, "reason": "missing from the answer"}
+            continue
+        got = got.astype(np.float64).reshape(ref.shape)
+        diff = np.abs(got - ref)
+        a, b = got.reshape(len(got), -1), ref.reshape(len(ref), -1)
+        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos = np.where(denom > 0, np.sum(a * b, axis=1) / np.where(denom > 0, denom, 1), 1.0)
+        rec = recorded.get(spec.name) or {}
+        max_abs_limit = rec.get("max_abs_error", DEFAULT_MAX_ABS) * (1 + 1e-3) + 1e-5
+        min_cos_limit = rec.get("cosine_min", DEFAULT_MIN_COSINE) - 1e-5
+        max_abs, min_cos = float(diff.max()) if diff.size else 0.0, float(cos.min()) if cos.size else 1.0
+        result[spec.name] = {"max_abs_error": max_abs, "cosine_min": min_cos, "max_abs_limit": max_abs_limit,
+                             "cosine_min_limit": min_cos_limit,
+                             "passed": bool(np.isfinite(max_abs) and max_abs <= max_abs_limit and min_cos >= min_cos_limit)}
+    return result
+
+
+def infer(base_url: str, config: ModelConfig, version: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    body = {"inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(inputs[s.name].shape),
+                        "data": inputs[s.name].reshape(-1).tolist()} for s in config.inputs]}
+    doc = _post(f"{base_url}/v2/models/{config.name}/versions/{version}/infer", body)
+    out = {}
+    for o in doc.get("outputs", []):
+        spec = next((s for s in config.outputs if s.name == o["name"]), None)
+        dtype = spec.dtype if spec is not None else np.float32
+        out[o["name"]] = np.asarray(o["data"], dtype=dtype).reshape(o["shape"])
+    return out
+
+
+def run_smoke_test(client, image_id: str, configs: dict[str, ModelConfig], versions: list[VersionInfo],
+                   timeout: float = 120, log=lambda m: None) -> dict[str, Any]:
+    """Run the image, check every packaged version, stop and remove the container. Raises
+    SmokeTestFailed (exit 3) on a wrong answer, PackagingError when the image does not start."""
+    from docker.errors import APIError
+
+    t0 = time.monotonic()
+    try:
+        container = client.containers.run(image_id, detach=True, auto_remove=False,
+                                          ports={f"{HTTP_PORT}/tcp": ("127.0.0.1", None),
+                                                 f"{GRPC_PORT}/tcp": ("127.0.0.1", None)},
+                                          labels={"serve-kit.smoke-test": "1"})
+    except APIError as e:
+        raise PackagingError(f"the image could not be started: {e.explanation or e}", value=image_id) from None
+    result: dict[str, Any] = {"container": container.short_id, "models": []}
+    try:
+        url = f"http://127.0.0.1:{host_port(container, HTTP_PORT)}"
+        result["grpc_port"] = host_port(container, GRPC_PORT)
+        deadline = time.monotonic() + timeout
+        while not _ready(url):
+            container.reload()
+            if container.status in ("exited", "dead"):
+                raise PackagingError("the image exited before it was ready: " + _logs(container), value=image_id)
+            if time.monotonic() > deadline:
+                raise PackagingError(f"the image was not ready within {timeout:.0f} s: " + _logs(container),
+                                     value=image_id)
+            time.sleep(0.25)
+        result["ready_seconds"] = round(time.monotonic() - t0, 2)
+        log(f"ready after {result['ready_seconds']} s; checking the HEALTHCHECK")
+        # Docker runs the first probe one interval after the start: within ~interval + timeout.
+        health = wait_health(container, timeout=30)
+        result["health"] = health
+        if health != "healthy":
+            raise PackagingError(f"Docker reports the container {health}, not healthy: " + _logs(container),
+                                 value=image_id, hint="the image's HEALTHCHECK probes /v2/health/ready")
+        failed = []
+        for v in versions:
+            config = configs[v.model]
+            samples_name = (v.manifest or {}).get("samples_file", "samples.npz")
+            path = v.path / samples_name
+            if not path.is_file():
+                result["models"].append({"model": v.model, "version": v.version, "skipped": "no samples.npz"})
+                continue
+            with np.load(path, allow_pickle=False) as z:
+                inputs = {k[len("input."):]: z[k] for k in z.files if k.startswith("input.")}
+                reference = {k[len("reference."):]: z[k] for k in z.files if k.startswith("reference.")}
+            outputs = infer(url, config, v.version, inputs)
+            checks = compare(config, v.manifest or {}, outputs, reference)
+            ok = all(c["passed"] for c in checks.values()) and bool(checks)
+            result["models"].append({"model": v.model, "version": v.version, "samples": int(len(next(iter(inputs.values())))),
+                                     "outputs": checks, "passed": ok})
+            if not ok:
+                failed.append(f"{v.model}/{v.version}: " + "; ".join(
+                    f"{name}: max abs {c.get('max_abs_error', float('nan')):.3g} (limit {c.get('max_abs_limit', 0):.3g}), "
+                    f"min cosine {c.get('cosine_min', float('nan')):.6f} (limit {c.get('cosine_min_limit', 0):.6f})"
+                    if "reason" not in c else f"{name}: {c['reason']}" for name, c in checks.items() if not c["passed"]))
+        result["seconds"] = round(time.monotonic() - t0, 2)
+        result["passed"] = not failed
+        if failed:
+            raise SmokeTestFailed("the image's answers do not match the repository's reference: " + " | ".join(failed),
+                                  value=image_id, hint="nothing was pushed or registered")
+        return result
+    finally:
+        try:
+            container.stop(timeout=10)
+        except APIError:
+            pass
+        try:
+            container.remove(force=True)
+        except APIError:
+            pass
+
+
+def _logs(container) -> str:
+    try:
+        text = container.logs(tail=20).decode(errors="replace").strip()
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return "(no logs)"
+    return " | ".join(text.splitlines()[-8:]) or "(no logs)"
