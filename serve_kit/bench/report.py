@@ -134,10 +134,15 @@ def compare(report: dict[str, Any], baseline: dict[str, Any], max_regression: fl
             if not bw or not cw or any(v is None for v in bw + cw):
                 row["checks"].append({"metric": metric, "status": "not comparable (no windows)"})
                 continue
-            change = stats.relative_change(metric, bw, cw)
+            # A run that was UNSTABLE moved by its window spread while it ran: a shift that large
+            # between the two runs is not evidence either (see stats.relative_change).
+            allowance = max([stats.window_spread(w) for w, res in ((bw, b), (cw, r)) if res.get("stable") is False],
+                            default=0.0)
+            change = stats.relative_change(metric, bw, cw, allowance=allowance)
             regressed = stats.is_regression(change, max_regression, higher)
             worse = -change.change if higher else change.change
             row["checks"].append({**change.to_dict(), "higher_is_better": higher, "regressed": regressed,
+                                  "unstable_allowance_pct": allowance * 100,
                                   "status": "REGRESSED" if regressed else
                                   ("worse (within noise or threshold)" if worse > 0 else "ok")})
         row["status"] = "REGRESSED" if any(c.get("regressed") for c in row["checks"]) else "ok"

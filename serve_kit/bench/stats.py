@@ -148,7 +148,7 @@ class Change:
 
 
 def relative_change(metric: str, baseline: Sequence[float], current: Sequence[float], *,
-                    confidence: float = 0.95) -> Change:
+                    confidence: float = 0.95, allowance: float = 0.0) -> Change:
     """current / baseline - 1 over per-window values, with a Welch confidence interval.
 
     Computed on the logarithm of the window values (so the interval of a ratio is not lopsided):
@@ -156,6 +156,11 @@ def relative_change(metric: str, baseline: Sequence[float], current: Sequence[fl
     spread, and Student's t with Welch-Satterthwaite degrees of freedom, which widens the
     interval honestly when there are few windows. One window on a side borrows the other side's
     spread; one window on both sides gives no interval (the point change only).
+
+    `allowance` (a fraction) widens the interval by that much on each side. Windows of one run
+    only show the noise within that run; a run that was itself UNSTABLE shows that the machine
+    shifted by up to its window spread while it ran, and could as well have shifted between the
+    two runs (report.compare passes that spread).
     """
     b = np.log(np.asarray([x for x in baseline if x is not None and x > 0], dtype=np.float64))
     c = np.log(np.asarray([x for x in current if x is not None and x > 0], dtype=np.float64))
@@ -177,8 +182,15 @@ def relative_change(metric: str, baseline: Sequence[float], current: Sequence[fl
             dfb, dfc = max(b.size - 1, 1), max(c.size - 1, 1)
             df = (qb + qc) ** 2 / ((qb * qb / dfb if qb else 0.0) + (qc * qc / dfc if qc else 0.0))
             half = t_quantile(0.5 + confidence / 2, df) * se
+    half += math.log1p(max(allowance, 0.0))
     return Change(metric, float(np.exp(b).mean()), float(np.exp(c).mean()), math.exp(d) - 1.0,
                   math.exp(d - half) - 1.0, math.exp(d + half) - 1.0, confidence, (int(b.size), int(c.size)))
+
+
+def window_spread(values: Sequence[float]) -> float:
+    """max / min - 1 over a run's per-window values (0 with fewer than two)."""
+    v = [x for x in values if x is not None and x > 0]
+    return max(v) / min(v) - 1.0 if len(v) > 1 else 0.0
 
 
 def t_quantile(p: float, df: float) -> float:

@@ -111,6 +111,23 @@ def test_a_real_regression_is_caught_despite_noise():
     assert caught == 100
 
 
+def test_an_unstable_run_widens_the_interval_by_its_own_spread():
+    # The CI failure this pins: a rerun of the same server on a busy machine, 29 % lower with 4
+    # steady-looking windows each, its run flagged UNSTABLE (windows 26 % apart).
+    base = [10100.0, 10300.0, 10250.0, 10330.0]
+    cur = [8100.0, 6900.0, 7500.0, 6700.0]
+    plain = stats.relative_change("throughput", base, cur)
+    assert stats.is_regression(plain, 0.10, True)  # what the within-run noise alone would say
+    spread = stats.window_spread(cur)
+    assert 0.2 < spread < 0.22
+    widened = stats.relative_change("throughput", base, cur, allowance=spread)
+    assert widened.low < plain.low and widened.high > plain.high
+    assert not stats.is_regression(widened, 0.10, True)
+    # A 10x slowdown is still one, however unstable the run.
+    slow = [x / 10 for x in cur]
+    assert stats.is_regression(stats.relative_change("throughput", base, slow, allowance=spread), 0.10, True)
+
+
 def test_change_within_threshold_is_not_a_regression():
     base = [1000.0, 1002.0, 998.0, 1001.0]
     cur = [950.0, 951.0, 949.0, 950.0]  # 5 % slower, very steady: confidently worse, but within 10 %

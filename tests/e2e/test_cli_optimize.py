@@ -83,7 +83,10 @@ def test_ctrl_c_leaves_no_partial_version(tmp_path, cli_env):
     for delay in (2.0, 4.0, 6.0):
         proc = subprocess.Popen([*CLI, "optimize", "sk_models:mlp", "--calibration-data", npz, "-r", str(repo),
                                  "--name", "mlp", "--metric", "top1"], env=cli_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                # A job started in the background by a non-interactive shell (CI
+                                # runners, `cmd &`) ignores SIGINT, and so would the CLI it starts.
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
