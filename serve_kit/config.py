@@ -147,7 +147,7 @@ class DynamicBatching(_Strict):
     """How long a request may wait for others to form a batch (at most; see adaptive_delay)."""
     adaptive_delay: bool = True
     """serve-kit's extension (not in Triton): wait for a fuller batch only while requests arrive
-    at least one per max_queue_delay on average (a moving average of the gaps between arrivals),
+    at least one per two max_queue_delays on average (a moving average of the gaps between arrivals),
     so that a request that comes alone runs at once instead of waiting for company that will not
     come. false: Triton's behaviour, every batch short of its size waits out the delay."""
     preferred_batch_size: list[int] = Field(default_factory=list)
