@@ -82,6 +82,9 @@ class OfflineJob:
     """Random inputs for versions without samples.npz (labelled SYNTHETIC)."""
     flops: bool = True
     """Count FLOPs (ONNX versions) and calibrate this machine's GEMM peak."""
+    eager: bool = True
+    """Also measure the PyTorch source in eager mode when it is available: the manifest's source
+    (a factory or a TorchScript file) loads here and hashes to what was optimized."""
 
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -133,26 +136,29 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
                 raise RepositoryError("version failed verification, refusing to measure it: " + "; ".join(problems),
                                       value=f"{name}/{v}", origin=str(info.path),
                                       hint="`serve-kit inspect` shows what changed")
-            plan.append((config, info, sizes))
+            plan.append((config, info, sizes, False))
+        source = (info.manifest or {}).get("source") or {}
+        if job.eager and source.get("kind") in ("torch", "torchscript"):
+            plan.append((config, info, sizes, True))  # the newest planned version's source
     env = environment()
     peak = None
-    if job.flops and any(((i.manifest or {}).get("backend") or c.backend) == "onnxruntime" for c, i, _ in plan):
+    if job.flops and any(((i.manifest or {}).get("backend") or c.backend) == "onnxruntime" for c, i, _, _ in plan):
         from .flops import gemm_peak
 
         threads = int(backend_options(plan[0][0], available_cores()).get("intra_op_threads", 0))
         with progress.task("calibrating this machine's FP32 GEMM peak", None):
             peak = gemm_peak(threads)
     results, skipped, model_hashes, any_synthetic = [], [], {}, False
-    for config, info, sizes in plan:
+    for config, info, sizes, eager in plan:
         manifest = info.manifest or {}
-        backend_name = manifest.get("backend") or config.backend
+        backend_name = EAGER if eager else manifest.get("backend") or config.backend
         for rel, meta in (manifest.get("files") or {}).items():
             if rel == manifest.get("model_file") and isinstance(meta, dict):
                 model_hashes[f"{config.name}/{info.version}/{rel}"] = meta.get("sha256")
         spec = {"repository": str(job.repository), "model": config.name, "version": info.version, "sizes": sizes,
                 "warmup_s": job.warmup_s, "window_s": job.window_s, "min_windows": job.min_windows,
                 "max_windows": job.max_windows, "stability_pct": job.stability_pct, "synthetic": job.synthetic,
-                "flops": job.flops}
+                "flops": job.flops, "eager": eager}
         out = _run_child(spec, progress, f"{config.name} v{info.version} ({backend_name})",
                          len(sizes) * job.max_windows)
         if "unavailable" in out:
@@ -161,7 +167,10 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
             progress.warn(f"{config.name} v{info.version} ({backend_name}): not measured: {out['unavailable']}")
             continue
         for r in out["rows"]:
-            r.update(variant=manifest.get("variant", "?"), precision=manifest.get("precision"))
+            if eager:
+                r.update(variant=EAGER, precision="fp32", source=manifest.get("source"))
+            else:
+                r.update(variant=manifest.get("variant", "?"), precision=manifest.get("precision"))
             any_synthetic |= r["synthetic"]
             f = r.get("flops") or {}
             if peak and f.get("per_sample"):
@@ -230,6 +239,40 @@ def _run_child(spec: dict, progress, label: str, total: int) -> dict:
     if result is None or rc != 0:
         raise RuntimeError(f"measuring {label} failed (exit {rc}):\n{stderr[-4000:]}")
     return result
+
+
+EAGER = "pytorch-eager"
+
+
+class _EagerSource:
+    """The version's PyTorch source run eagerly (torch.inference_mode), behind the backend's
+    `infer` so that it is measured exactly like the served variants."""
+
+    def __init__(self, source: dict, config, threads: int):
+        import torch
+
+        from ..config import SourceSpec
+        from ..errors import ServeKitError
+        from ..optimize.source import load_source
+
+        ref = source.get("ref") or ""
+        spec = SourceSpec(factory=ref) if source.get("kind") == "torch" else SourceSpec(path=ref)
+        try:
+            self.source = load_source(spec, origin="manifest.json source")
+        except (ServeKitError, ImportError, AttributeError, ValueError) as e:
+            msg = e.render() if isinstance(e, ServeKitError) else f"{type(e).__name__}: {e}"
+            raise _Unavailable(f"the source {ref!r} does not load here: {msg.splitlines()[0]}") from None
+        if self.source.sha256 != source.get("sha256"):
+            raise _Unavailable(f"the source {ref!r} loads, but not as the model that was optimized "
+                               f"(sha256 {self.source.sha256[:12]} vs the manifest's {str(source.get('sha256'))[:12]}; "
+                               "e.g. its weights were a separate file)")
+        self.source.inputs = self.source.inputs or config.inputs
+        self.source.outputs = self.source.outputs or config.outputs
+        if threads > 0:
+            torch.set_num_threads(threads)  # the server's width, as for the TorchScript backend
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.source.run(inputs)
 
 
 class _Unavailable(Exception):
@@ -327,15 +370,27 @@ def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
             flops = count_flops(info.model_file, {k: list(v.shape) for k, v in one.items()})
         except Exception as e:  # noqa: BLE001 - a model we cannot count is still measured
             flops = {"flops": None, "error": f"{type(e).__name__}: {e}"}
+    if spec.get("eager"):
+        backend_name, flops = EAGER, None
     try:
-        backend_class(backend_name)  # imports its library now, so the memory below is the model's
         import gc
 
-        gc.collect()
-        rss0 = _proc_status("VmRSS")
-        backend = load_backend(backend_name, info.model_file, [o.name for o in config.outputs], opts)
+        if spec.get("eager"):
+            import torch  # noqa: F401 - imported before the baseline RSS, so the memory is the model's
+
+            gc.collect()
+            rss0 = _proc_status("VmRSS")
+            backend = _EagerSource((info.manifest or {}).get("source") or {}, config,
+                                   int(opts.get("intra_op_threads", 0)))
+        else:
+            backend_class(backend_name)  # imports its library now, so the memory below is the model's
+            gc.collect()
+            rss0 = _proc_status("VmRSS")
+            backend = load_backend(backend_name, info.model_file, [o.name for o in config.outputs], opts)
     except ImportError as e:
         return {"unavailable": f"{e.name or e} is not installed"}
+    except _Unavailable as e:
+        return {"unavailable": str(e)}
     rss_loaded = _proc_status("VmRSS")
     rows = []
     for b in spec["sizes"]:
@@ -373,7 +428,7 @@ def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
                                  spec["stability_pct"])
         calls = sum(w["calls"] for w in windows)
         seconds = sum(w["seconds"] for w in windows)
-        key = f"{config.name}/v{info.version}/b{b}"
+        key = f"{config.name}/v{info.version}{'/eager' if spec.get('eager') else ''}/b{b}"
         row = {
             "key": key, "model": config.name, "version": info.version, "backend": backend_name, "batch_size": b,
             "synthetic": synthetic, "calls": calls, "windows_measured": len(windows), "stable": stable,

@@ -81,6 +81,10 @@ def bench(
                                               "1,8,32 capped at max_batch_size).", rich_help_panel=_OFFLINE),
     no_flops: bool = typer.Option(False, "--no-flops", help="Skip FLOP counting and the GEMM peak calibration.",
                                   rich_help_panel=_OFFLINE),
+    no_eager: bool = typer.Option(False, "--no-eager",
+                                  help="Offline: do not measure the PyTorch source eagerly (by default it is, when "
+                                       "the manifest's source loads here and hashes to what was optimized).",
+                                  rich_help_panel=_OFFLINE),
     warmup: Optional[float] = typer.Option(None, "--warmup", help="Warm-up seconds, not measured (default: online "
                                            "1, offline 0.5).", rich_help_panel=_MEASURE),
     window: Optional[float] = typer.Option(None, "--window", help="Measurement window seconds (default: online 1, "
@@ -145,7 +149,8 @@ def bench(
         result = _online(url, model, version, concurrency, rate, arrival, encoding, batch_size, data, synthetic,
                          workers, timeout, max_connections, warmup, windows, stability)
     elif target is not None:
-        result = _offline(Path(target), model, version, batch_sizes, synthetic, warmup, windows, stability, no_flops)
+        result = _offline(Path(target), model, version, batch_sizes, synthetic, warmup, windows, stability, no_flops,
+                          no_eager)
     else:
         raise UsageError("nothing to benchmark", origin="serve-kit bench",
                          hint="serve-kit bench REPO (offline), serve-kit bench --url http://127.0.0.1:8000 "
@@ -229,7 +234,8 @@ def _online(url, model, version, concurrency, rate, arrival, encoding, batch_siz
         return run_online(job, progress)
 
 
-def _offline(repository, model, version, batch_sizes, synthetic, warmup, windows, stability, no_flops) -> dict:
+def _offline(repository, model, version, batch_sizes, synthetic, warmup, windows, stability, no_flops,
+             no_eager=False) -> dict:
     from ..bench.offline import OfflineJob, run_offline
 
     if version is not None and (not version.isascii() or not version.isdigit() or int(version) < 1):
@@ -239,7 +245,7 @@ def _offline(repository, model, version, batch_sizes, synthetic, warmup, windows
                      batch_sizes=_ints(batch_sizes, "--batch-sizes") or None,
                      warmup_s=0.5 if warmup is None else warmup, window_s=windows["window"] or 0.5,
                      min_windows=windows["min_windows"], max_windows=windows["max_windows"],
-                     stability_pct=stability, synthetic=synthetic, flops=not no_flops)
+                     stability_pct=stability, synthetic=synthetic, flops=not no_flops, eager=not no_eager)
     with RichProgress(quiet=state.json) as progress:
         return run_offline(job, progress)
 

@@ -126,3 +126,42 @@ def test_flops_of_conv_and_gemm(tmp_path):
     gemm = 2 * 256 * 10 + 10                # plus the bias add
     assert one["by_op"] == {"Conv": conv, "Gemm": gemm} and one["flops"] == conv + gemm and one["complete"]
     assert count_flops(path, {"x": [8, 1, 8, 8]})["flops"] == 8 * (conv + gemm)
+
+
+def _version_with_source(root, name, payload, samples, source):
+    from serve_kit.repository import Repository
+
+    cfg = config(name, 16, 4, max_batch_size=8)
+    with Repository(root).new_version(name) as stage:
+        (stage.dir / "model.onnx").write_bytes(payload)
+        np.savez(stage.dir / "samples.npz", **{f"input.{k}": v for k, v in samples.items()})
+        stage.commit(cfg, {"model_file": "model.onnx", "backend": "onnxruntime", "variant": "onnx",
+                           "source": source})
+
+
+def test_eager_source_is_measured_when_it_loads_as_the_optimized_model(tmp_path):
+    pytest.importorskip("torch")
+    from serve_kit.repository import sha256_file
+
+    w1, w2 = mlp_weights(16, 32, 4)
+    src = tmp_path / "source.pt"
+    src.write_bytes(torchscript_mlp(w1, w2))
+    samples = {"x": np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)}
+    repo = tmp_path / "repo"
+    _version_with_source(repo, "mlp", mlp_onnx(w1, w2), samples,
+                         {"kind": "torchscript", "ref": str(src), "sha256": sha256_file(src)})
+    # A source that loads but is not what was optimized (another file now at that path, say).
+    _version_with_source(repo, "changed", mlp_onnx(w1, w2), samples,
+                         {"kind": "torchscript", "ref": str(src), "sha256": "0" * 64})
+    report = bench_json([str(repo), "--no-flops", *FAST])
+    eager = [r for r in report["results"] if r["variant"] == "pytorch-eager"]
+    assert [(r["model"], r["batch_size"]) for r in eager] == [("mlp", 1), ("mlp", 4)]
+    for r in eager:
+        assert r["backend"] == "pytorch-eager" and "/eager/" in r["key"] and r["p50_ms"] > 0
+        assert r["source"]["ref"] == str(src) and r["synthetic"] is False
+    skipped = {s["model"]: s["reason"] for s in report["skipped"]}
+    assert "not as the model that was optimized" in skipped["changed"]
+    served = {(r["model"], r["variant"]) for r in report["results"]}
+    assert ("changed", "onnx") in served  # the served variant is measured either way
+    assert not [r for r in bench_json([str(repo), "--no-flops", "--no-eager", *FAST])["results"]
+                if r["variant"] == "pytorch-eager"]
