@@ -35,6 +35,33 @@ CONFIG = "config.yaml"
 MANIFEST_FORMAT = "serve-kit/manifest@1"
 
 
+SAMPLES = "samples.npz"
+"""A version's stored evaluation samples: `input.<name>` arrays and the reference's `reference.<name>`
+outputs for them (written by optimize; read by warm-up, bench and the image smoke test)."""
+
+
+def write_samples(path: Path, inputs: dict[str, Any], references: dict[str, Any] | None = None) -> None:
+    import numpy as np
+
+    np.savez(path, **{f"input.{k}": v for k, v in inputs.items()},
+             **{f"reference.{k}": v for k, v in (references or {}).items()})
+
+
+def read_samples(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(inputs, references) by tensor name from a samples file (never unpickled)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        return ({k[len("input."):]: z[k] for k in z.files if k.startswith("input.")},
+                {k[len("reference."):]: z[k] for k in z.files if k.startswith("reference.")})
+
+
+def model_file_sha256(manifest: dict[str, Any] | None) -> str | None:
+    """The sha256 a manifest records for its model file (None when it records none)."""
+    meta = ((manifest or {}).get("files") or {}).get((manifest or {}).get("model_file"))
+    return meta.get("sha256") if isinstance(meta, dict) else None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

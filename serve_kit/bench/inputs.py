@@ -23,6 +23,7 @@ import numpy as np
 
 from ..config import TensorSpec
 from ..errors import DataError, InputError, UsageError
+from ..repository import SAMPLES, model_file_sha256, read_samples
 
 MAX_PAYLOADS = 64
 """Distinct requests built from the data; workers cycle through them."""
@@ -268,7 +269,7 @@ def _sample_specs(info: ModelInfo) -> list[TensorSpec]:
 def repository_samples(path: Path, model: str, version: str | None) -> tuple[Path, dict[str, str]] | None:
     """The samples.npz of a repository (root, model folder or version folder), and the model's
     file hashes from that version's manifest. None when `path` is no repository."""
-    if (path / "samples.npz").is_file() and (path / "manifest.json").is_file():
+    if (path / SAMPLES).is_file() and (path / "manifest.json").is_file():
         vdir = path
     else:
         mdir = path / model if (path / model / "config.yaml").is_file() else path
@@ -282,17 +283,16 @@ def repository_samples(path: Path, model: str, version: str | None) -> tuple[Pat
             raise DataError(f"the repository has no version {v} of {mdir.name!r}", value=str(mdir), origin="--data",
                             hint=f"versions: {', '.join(map(str, numbers))}")
         vdir = mdir / str(v)
-    samples = vdir / "samples.npz"
+    samples = vdir / SAMPLES
     if not samples.is_file():
         raise DataError("the repository version has no samples.npz (written by `serve-kit optimize`)",
                         value=str(vdir), origin="--data", hint="give a .npz/.npy file with --data instead")
     hashes: dict[str, str] = {}
     try:
         manifest = json.loads((vdir / "manifest.json").read_text())
-        for rel, meta in (manifest.get("files") or {}).items():
-            if rel == manifest.get("model_file") and isinstance(meta, dict):
-                key = f"{manifest.get('model', model)}/{manifest.get('version', vdir.name)}/{rel}"
-                hashes[key] = meta.get("sha256")
+        sha = model_file_sha256(manifest)
+        if sha:
+            hashes[f"{manifest.get('model', model)}/{manifest.get('version', vdir.name)}/{manifest['model_file']}"] = sha
     except (OSError, ValueError, AttributeError):
         pass
     return samples, hashes
@@ -320,8 +320,7 @@ def load_data(data: Path | None, synthetic: bool, info: ModelInfo, model: str, v
     repo = repository_samples(data, model, version) if data.is_dir() else None
     if repo is not None:
         samples, hashes = repo
-        with np.load(samples, allow_pickle=False) as z:
-            arrays = {k[len("input."):]: z[k] for k in z.files if k.startswith("input.")}
+        arrays = read_samples(samples)[0]
         origin = str(samples)
     elif data.is_dir() or data.suffix in (".npz", ".npy"):
         arrays, origin = cal.load_arrays(data, specs, "labels")

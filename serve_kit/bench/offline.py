@@ -101,7 +101,7 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
     """
     from ..errors import RepositoryError, UsageError
     from ..progress import ProgressSink
-    from ..repository import Repository
+    from ..repository import Repository, model_file_sha256
     from ..runtime.models import available_cores, backend_options
     from .report import environment
 
@@ -152,9 +152,9 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
     for config, info, sizes, eager in plan:
         manifest = info.manifest or {}
         backend_name = EAGER if eager else manifest.get("backend") or config.backend
-        for rel, meta in (manifest.get("files") or {}).items():
-            if rel == manifest.get("model_file") and isinstance(meta, dict):
-                model_hashes[f"{config.name}/{info.version}/{rel}"] = meta.get("sha256")
+        sha = model_file_sha256(manifest)
+        if sha:
+            model_hashes[f"{config.name}/{info.version}/{manifest['model_file']}"] = sha
         spec = {"repository": str(job.repository), "model": config.name, "version": info.version, "sizes": sizes,
                 "warmup_s": job.warmup_s, "window_s": job.window_s, "min_windows": job.min_windows,
                 "max_windows": job.max_windows, "stability_pct": job.stability_pct, "synthetic": job.synthetic,
@@ -302,15 +302,14 @@ def _samples(config, version_dir: Path, synthetic: bool, what: str) -> tuple[dic
     from ..config import TensorSpec
     from ..errors import DataError
     from ..optimize import calibration as cal
+    from ..repository import SAMPLES, read_samples
 
     batching = config.max_batch_size > 0
     specs = list(config.inputs) if batching else [TensorSpec(name=t.name, datatype=t.datatype, shape=[-1, *t.shape])
                                                   for t in config.inputs]
-    path = version_dir / "samples.npz"
+    path = version_dir / SAMPLES
     if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k[len("input."):]: z[k] for k in z.files if k.startswith("input.")}
-        return cal.to_dataset(arrays, specs, "labels", str(path)).inputs, False
+        return cal.to_dataset(read_samples(path)[0], specs, "labels", str(path)).inputs, False
     if not synthetic:
         raise DataError(f"{what} has no samples.npz to measure with", value=str(version_dir),
                         hint="versions written by `serve-kit optimize` have one; or measure on random inputs "

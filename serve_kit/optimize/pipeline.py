@@ -27,7 +27,7 @@ from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, ModelCon
                       TargetSpec, TensorSpec, datatype_of, parse_model)
 from ..errors import DataError, InputError, ServeKitError, UsageError
 from ..progress import ProgressSink
-from ..repository import Repository, atomic_write_text, load_model_config
+from ..repository import SAMPLES, Repository, atomic_write_text, load_model_config, write_samples
 from ..runtime.backends import load_backend
 from . import calibration as cal
 from .source import Source, load_source
@@ -368,9 +368,8 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
         model_file = artifact.path.name
         shutil.copyfile(artifact.path, stage.dir / model_file)
         n = min(SAMPLES_STORED, len(evaluation))
-        np.savez(stage.dir / "samples.npz",
-                 **{f"input.{k}": v[:n] for k, v in evaluation.inputs.items()},
-                 **{f"reference.{k}": v[:n] for k, v in ref_out.items()})
+        write_samples(stage.dir / SAMPLES, {k: v[:n] for k, v in evaluation.inputs.items()},
+                      {k: v[:n] for k, v in ref_out.items()})
         manifest = {
             "model_file": model_file, "backend": rec["backend"], "variant": rec["name"],
             "precision": rec["precision"], "source": report["source"],
@@ -378,7 +377,7 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
             "tools": report["tools"], "target_config": rec["config"], "details": rec.get("details", {}),
             "validation": rec["validation"], "latency": rec.get("latency"),
             "reference": {"name": report["reference"]["name"], "metric": report["reference"]["metric"]},
-            "recipe": report["recipe"], "samples_file": "samples.npz",
+            "recipe": report["recipe"], "samples_file": SAMPLES,
         }
         version = stage.commit(config, manifest)
     return {"model": model_name, "version": version, "path": str(job.repository / model_name / str(version)),

@@ -8,7 +8,6 @@ the lowest recorded. The container is stopped and removed in every case.
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig
-from ..repository import VersionInfo
+from ..optimize.validate import compare_outputs
+from ..repository import SAMPLES, VersionInfo, read_samples
+from ..runtime.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from .context import GRPC_PORT, HTTP_PORT
 from .engine import host_port, wait_health
 from .errors import PackagingError, SmokeTestFailed
@@ -26,12 +27,11 @@ from .errors import PackagingError, SmokeTestFailed
 DEFAULT_MAX_ABS, DEFAULT_MIN_COSINE = 1e-3, 0.9999
 
 
-def _post(url: str, body: dict, timeout: float = 30) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
-                                 method="POST")
+def _post(url: str, body: bytes, headers: dict[str, str], timeout: float = 30) -> tuple[bytes, str | None]:
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
+            return r.read(), r.headers.get(HEADER_LENGTH)
     except urllib.error.HTTPError as e:
         raise SmokeTestFailed(f"the image answered HTTP {e.code} to an inference: {e.read()[:300]!r}",
                               origin=url) from None
@@ -54,20 +54,17 @@ def compare(config: ModelConfig, manifest: dict, outputs: dict[str, np.ndarray],
     for spec in config.outputs:
         if spec.name not in reference:
             continue
-        ref = reference[spec.name].astype(np.float64)
+        ref = reference[spec.name]
         got = outputs.get(spec.name)
         if got is None:
             result[spec.name] = {"passed": False, "reason": "missing from the answer"}
             continue
-        got = got.astype(np.float64).reshape(ref.shape)
-        diff = np.abs(got - ref)
-        a, b = got.reshape(len(got), -1), ref.reshape(len(ref), -1)
-        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(denom > 0, np.sum(a * b, axis=1) / np.where(denom > 0, denom, 1), 1.0)
+        # The same measures as optimize's validation, whose recorded values are the limits here.
+        errors = compare_outputs({spec.name: ref}, {spec.name: got.reshape(ref.shape)})[spec.name]
         rec = recorded.get(spec.name) or {}
         max_abs_limit = rec.get("max_abs_error", DEFAULT_MAX_ABS) * (1 + 1e-3) + 1e-5
         min_cos_limit = rec.get("cosine_min", DEFAULT_MIN_COSINE) - 1e-5
-        max_abs, min_cos = float(diff.max()) if diff.size else 0.0, float(cos.min()) if cos.size else 1.0
+        max_abs, min_cos = errors["max_abs_error"], errors["cosine_min"]
         result[spec.name] = {"max_abs_error": max_abs, "cosine_min": min_cos, "max_abs_limit": max_abs_limit,
                              "cosine_min_limit": min_cos_limit,
                              "passed": bool(np.isfinite(max_abs) and max_abs <= max_abs_limit and min_cos >= min_cos_limit)}
@@ -75,15 +72,11 @@ def compare(config: ModelConfig, manifest: dict, outputs: dict[str, np.ndarray],
 
 
 def infer(base_url: str, config: ModelConfig, version: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    body = {"inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(inputs[s.name].shape),
-                        "data": inputs[s.name].reshape(-1).tolist()} for s in config.inputs]}
-    doc = _post(f"{base_url}/v2/models/{config.name}/versions/{version}/infer", body)
-    out = {}
-    for o in doc.get("outputs", []):
-        spec = next((s for s in config.outputs if s.name == o["name"]), None)
-        dtype = spec.dtype if spec is not None else np.float32
-        out[o["name"]] = np.asarray(o["data"], dtype=dtype).reshape(o["shape"])
-    return out
+    """One inference with binary tensors (the exact bytes both ways), through the runtime's own codec."""
+    body, headers = encode_infer_request({s.name: inputs[s.name] for s in config.inputs}, binary=True,
+                                         binary_output=True, datatypes={s.name: s.datatype for s in config.inputs})
+    raw, header_length = _post(f"{base_url}/v2/models/{config.name}/versions/{version}/infer", body, headers)
+    return decode_infer_response(raw, int(header_length) if header_length else None).outputs
 
 
 def run_smoke_test(client, image_id: str, configs: dict[str, ModelConfig], versions: list[VersionInfo],
@@ -124,14 +117,11 @@ def run_smoke_test(client, image_id: str, configs: dict[str, ModelConfig], versi
         failed = []
         for v in versions:
             config = configs[v.model]
-            samples_name = (v.manifest or {}).get("samples_file", "samples.npz")
-            path = v.path / samples_name
+            path = v.path / (v.manifest or {}).get("samples_file", SAMPLES)
             if not path.is_file():
                 result["models"].append({"model": v.model, "version": v.version, "skipped": "no samples.npz"})
                 continue
-            with np.load(path, allow_pickle=False) as z:
-                inputs = {k[len("input."):]: z[k] for k in z.files if k.startswith("input.")}
-                reference = {k[len("reference."):]: z[k] for k in z.files if k.startswith("reference.")}
+            inputs, reference = read_samples(path)
             outputs = infer(url, config, v.version, inputs)
             checks = compare(config, v.manifest or {}, outputs, reference)
             ok = all(c["passed"] for c in checks.values()) and bool(checks)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError, ServeKitError
-from ..repository import Repository
+from ..repository import SAMPLES, Repository, read_samples
 from .backends import Backend, load_backend
 from .batcher import DynamicBatcher, SchedulerClosed, SchedulerStats
 from .types import BadRequest, InferRequest, InferResponse, NotFound, Unavailable
@@ -152,10 +152,10 @@ def _warmup_inputs(config: ModelConfig, version_dir: Path) -> list[dict[str, np.
     """The inputs to run on each instance before it is ready (config.warmup)."""
     samples: dict[str, np.ndarray] | None = None
     if config.warmup.source == "samples":
-        path = version_dir / "samples.npz"
+        path = version_dir / SAMPLES
         if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                got = {t.name: z[f"input.{t.name}"] for t in config.inputs if f"input.{t.name}" in z.files}
+            stored = read_samples(path)[0]
+            got = {t.name: stored[t.name] for t in config.inputs if t.name in stored}
             if len(got) == len(config.inputs) and all(len(a) for a in got.values()):
                 samples = got
         if samples is None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,21 +27,7 @@ if str(PACKAGING_TESTS) not in sys.path:
 
 REGISTRY = os.environ.get("SERVE_KIT_TEST_REGISTRY", "127.0.0.1:5000")
 BASE = os.environ.get("SERVE_KIT_TEST_BASE", "serve-kit/python:3.11-bookworm")
-RUN_ID = uuid.uuid4().hex[:8]
-CLI = [sys.executable, "-c", "from serve_kit.cli import main; main()"]
-
-
-def sk(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`serve-kit ARGS` as a subprocess (what a user or CI runs)."""
-    e = dict(os.environ, COLUMNS="200")
-    e.update(env or {})
-    return subprocess.run([*CLI, *map(str, args)], env=e, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pk_helpers import RUN_ID, cleanup_images, free_port, sk  # noqa: E402,F401 - shared with the tests
 
 
 @dataclass
@@ -141,15 +125,6 @@ def mlflow_server(tmp_path_factory):
             except ProcessLookupError:
                 pass
         log.close()
-
-
-def cleanup_images(client, refs):
-    """Remove images by ID or reference (all their tags and digests); ones already gone are fine."""
-    for ref in refs:
-        try:
-            client.images.remove(ref, force=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,12 +3,46 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from serve_kit.repository import SAMPLES, read_samples
+
+# Plain helpers live here, not in conftest.py: test modules import them, and `import conftest`
+# picks whichever conftest another test folder loaded first.
+RUN_ID = uuid.uuid4().hex[:8]
+CLI = [sys.executable, "-c", "from serve_kit.cli import main; main()"]
+
+
+def sk(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`serve-kit ARGS` as a subprocess (what a user or CI runs)."""
+    e = dict(os.environ, COLUMNS="200")
+    e.update(env or {})
+    return subprocess.run([*CLI, *map(str, args)], env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cleanup_images(client, refs):
+    """Remove images by ID or reference (all their tags and digests); ones already gone are fine."""
+    for ref in refs:
+        try:
+            client.images.remove(ref, force=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 @contextlib.contextmanager
@@ -39,10 +73,7 @@ def running(client, image: str) -> Iterator[tuple[int, int]]:
 
 
 def samples(repo: Path, model: str = "digits", version: int = 1) -> tuple[dict, dict]:
-    with np.load(repo / model / str(version) / "samples.npz") as z:
-        inputs = {k[len("input."):]: z[k] for k in z.files if k.startswith("input.")}
-        reference = {k[len("reference."):]: z[k] for k in z.files if k.startswith("reference.")}
-    return inputs, reference
+    return read_samples(repo / model / str(version) / SAMPLES)
 
 
 def host_outputs(model_file: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

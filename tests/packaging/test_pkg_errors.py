@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RUN_ID, cleanup_images, free_port, sk
+from pk_helpers import RUN_ID, cleanup_images, free_port, sk
 
 
 def _copy(repo: Path, dest: Path) -> Path:

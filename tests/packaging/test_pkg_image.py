@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RUN_ID, cleanup_images, sk
-from pk_helpers import cosine_min, host_outputs, running, samples, triton_grpc, triton_http
+from pk_helpers import (RUN_ID, cleanup_images, cosine_min, host_outputs, running, samples, sk, triton_grpc,
+                        triton_http)
 
 
 def _manifest(repo: Path) -> dict:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import sk
+from pk_helpers import sk
 
 mlflow = pytest.importorskip("mlflow")
 
