@@ -263,6 +263,10 @@ class GateConfig(_Strict):
 # Defaults per precision: FP32 exports must match tightly; quantized variants may lose a little.
 DEFAULT_GATES: dict[str, GateConfig] = {
     "fp32": GateConfig(min_cosine=0.9999, max_abs_error=1e-3, max_metric_drop=0.1),
+    # Half precisions: fp16 keeps 10 mantissa bits, bf16 only 7; fp8 (E4M3) has 3.
+    "fp16": GateConfig(min_cosine=0.9995, max_metric_drop=0.2),
+    "bf16": GateConfig(min_cosine=0.999, max_metric_drop=0.5),
+    "fp8": GateConfig(min_cosine=0.99, max_metric_drop=1.0),
     "int8": GateConfig(min_cosine=0.99, max_metric_drop=1.0),
     "int4": GateConfig(min_cosine=0.98, max_metric_drop=2.0),
 }

@@ -37,6 +37,8 @@ from .validate import Metric, run_batched, validate
 DEFAULT_TARGETS = ["torchscript", "onnx", "onnx-int8-static", "onnx-int8-dynamic", "onnx-int4"]
 SAMPLES_STORED = 8
 REPORT_NAME = "optimize-report.json"
+BUILD_CACHE = ".build-cache"
+"""Beside config.yaml: caches that make rebuilds repeatable and fast (TensorRT's timing cache)."""
 
 
 @dataclass
@@ -233,7 +235,8 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     target_specs = job.targets or [TargetSpec(name=n) for n in DEFAULT_TARGETS]
     workdir = Path(tempfile.mkdtemp(prefix="serve-kit-optimize-"))
     try:
-        ctx = BuildContext(source, inputs, outputs, split.calibration, workdir, progress)
+        ctx = BuildContext(source, inputs, outputs, split.calibration, workdir, progress,
+                           cache_dir=job.repository / model_name / BUILD_CACHE)
         built: dict[str, Artifact] = {}
         for spec in target_specs:
             record, artifact = _run_target(job, spec, ctx, split.evaluation, ref_out, metric, ref_metric, progress)
@@ -296,7 +299,7 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
 
 def _backend_for(artifact: Artifact, inputs: list[TensorSpec], outputs: list[TensorSpec]):
     return load_backend(artifact.backend, artifact.path, output_names=[o.name for o in outputs],
-                        options={"input_names": [s.name for s in inputs]})
+                        options={"input_names": [s.name for s in inputs], **artifact.backend_options})
 
 
 def _run_target(job: OptimizeJob, spec: TargetSpec, ctx: BuildContext, evaluation: cal.Dataset,
@@ -361,6 +364,9 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
         fresh.update(dynamic_batching=old.dynamic_batching, instance_group=old.instance_group,
                      max_batch_size=old.max_batch_size, version_policy=old.version_policy,
                      warmup=old.warmup, parameters=old.parameters)
+    # What the file needs to load as validated (e.g. `device: cuda`) wins over older parameters.
+    fresh["parameters"] = {**fresh.get("parameters", {}),
+                           **{k: _parameter(v) for k, v in artifact.backend_options.items()}}
     if fresh["max_batch_size"] == 0:
         fresh["dynamic_batching"] = None
     config = parse_model(ModelConfig, fresh, f"config for {model_name}")
@@ -382,6 +388,15 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
         version = stage.commit(config, manifest)
     return {"model": model_name, "version": version, "path": str(job.repository / model_name / str(version)),
             "variant": rec["name"]}
+
+
+def _parameter(value: Any) -> str:
+    """config.yaml parameters are strings (Triton's convention); backend_options() reads them back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def _write_report(job: OptimizeJob, model_name: str, report: dict[str, Any]) -> None:

@@ -26,6 +26,20 @@ _MODULES = {
     "onnx-int8-static": "serve_kit.optimize.quantize.int8",
     "onnx-int8-dynamic": "serve_kit.optimize.quantize.int8",
     "onnx-int4": "serve_kit.optimize.quantize.int4",
+    # NVIDIA Model Optimizer: explicit Q/DQ ONNX for TensorRT (runs on ONNX Runtime's CPU path too).
+    "modelopt-int8": "serve_kit.optimize.quantize.modelopt_onnx",
+    "modelopt-fp8": "serve_kit.optimize.quantize.modelopt_onnx",
+    "modelopt-int4": "serve_kit.optimize.quantize.modelopt_onnx",
+    "modelopt-torch-int8": "serve_kit.optimize.quantize.modelopt_torch",
+    "modelopt-torch-int8-sq": "serve_kit.optimize.quantize.modelopt_torch",
+    "modelopt-torch-fp8": "serve_kit.optimize.quantize.modelopt_torch",
+    "modelopt-torch-int4-awq": "serve_kit.optimize.quantize.modelopt_torch",
+    # GPU only: TensorRT engines and half-precision PyTorch on CUDA.
+    "trt-fp16": "serve_kit.optimize.export.tensorrt",
+    "trt-int8": "serve_kit.optimize.export.tensorrt",
+    "trt-fp8": "serve_kit.optimize.export.tensorrt",
+    "torchscript-cuda-fp16": "serve_kit.optimize.export.torchscript",
+    "torchscript-cuda-bf16": "serve_kit.optimize.export.torchscript",
 }
 _CLASSES: dict[str, type["Target"]] = {}
 
@@ -59,6 +73,9 @@ class Artifact:
     path: Path
     backend: str
     details: dict[str, Any] = field(default_factory=dict)
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    """Options the backend must load this file with (e.g. `device: cuda`); the pipeline validates
+    with them and writes them into the version's config.yaml `parameters`."""
 
 
 @dataclass
@@ -69,7 +86,11 @@ class BuildContext:
     calibration: Dataset
     workdir: Path
     progress: ProgressSink = field(default_factory=ProgressSink)
+    cache_dir: Path | None = None
+    """A folder kept across runs (in the repository, beside config.yaml) for build caches such as
+    TensorRT's timing cache; None = nothing is kept."""
     _onnx_fp32: Path | None = None
+    _built: dict[str, Artifact] = field(default_factory=dict)
 
     def onnx_fp32(self) -> Path:
         """The FP32 ONNX model that quantizers start from (exported once, with defaults)."""
@@ -80,11 +101,20 @@ class BuildContext:
             self._onnx_fp32 = base.build(self, d).path
         return self._onnx_fp32
 
+    def built_by(self, target: str, config: dict[str, Any] | None = None) -> Artifact:
+        """The artifact of another target that this one starts from (e.g. trt-int8 from
+        modelopt-int8's Q/DQ ONNX), built once per run with the given config."""
+        key = f"{target}:{sorted((config or {}).items())!r}"
+        if key not in self._built:
+            d = self.workdir / f"_input_{target}_{len(self._built)}"
+            self._built[key] = target_class(target)(config or {}).build(self, d)
+        return self._built[key]
+
 
 class Target:
     name: ClassVar[str]
     precision: ClassVar[str]
-    """`fp32`, `int8` or `int4`: selects the default accuracy gate."""
+    """`fp32`, `fp16`, `bf16`, `fp8`, `int8` or `int4`: selects the default accuracy gate."""
     backend: ClassVar[str]
     Config: ClassVar[type[TargetConfig]] = TargetConfig
     source_kinds: ClassVar[tuple[str, ...]] = ("torch", "torchscript", "onnx")

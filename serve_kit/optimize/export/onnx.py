@@ -102,16 +102,21 @@ class OnnxTarget(Target):
             onnx.save(model, str(path))
 
     def _legacy(self, ctx: BuildContext, path) -> None:
-        import torch
+        export_legacy(ctx.source.model, ctx, path, self.config.opset or 17)
 
-        inputs, outputs = self._names(ctx)
-        axes = {s.name: {d: f"{s.name}_dim{d}" if d else "batch" for d, n in enumerate(s.shape) if n == -1}
-                for s in [*ctx.inputs, *ctx.outputs]}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(ctx.source.model, example_args(ctx), str(path), input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes, dynamo=False,
-                              opset_version=self.config.opset or 17)
+
+def export_legacy(module, ctx: BuildContext, path, opset: int) -> None:
+    """The TorchScript-based exporter with the signature's names and dynamic axes. It is also the
+    one that exports Model Optimizer's quantized modules (dynamo fails on a data-dependent guard)."""
+    import torch
+
+    axes = {s.name: {d: f"{s.name}_dim{d}" if d else "batch" for d, n in enumerate(s.shape) if n == -1}
+            for s in [*ctx.inputs, *ctx.outputs]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example_args(ctx), str(path), input_names=[s.name for s in ctx.inputs],
+                          output_names=[s.name for s in ctx.outputs], dynamic_axes=axes, dynamo=False,
+                          opset_version=opset)
 
 
 def optimize_offline(path, level: str) -> None:
