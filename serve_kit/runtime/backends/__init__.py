@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str] = {
     # name -> module that defines and registers it; imported on first use (heavy dependencies).
     "onnxruntime": "serve_kit.runtime.backends.onnxruntime",
     "torchscript": "serve_kit.runtime.backends.torchscript",
+    "tensorrt": "serve_kit.runtime.backends.tensorrt",
 }
 _CLASSES: dict[str, type["Backend"]] = {}
 
