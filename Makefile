@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first, pinned: pip must never resolve a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[torch,nlp,dev,mlflow,package,bench]'
+	$(BIN)/python -m pip install -q -e '.[torch,nlp,dev,mlflow,package,bench,modelopt]'
 	# Test-only tools whose metadata pins numpy<2 / protobuf<5 though they run on numpy 2 and
 	# protobuf 7: tritonclient 2.51.0 (perf_analyzer for Debian 12; its deps are in the dev extra)
 	# and grpcio-tools 1.62.3 (regenerates the committed protobuf modules; see scripts/gen_proto.sh).

@@ -42,8 +42,18 @@ def test_digits_recipe_end_to_end(digits_repo):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     status = {v["name"]: v["status"] for v in report["variants"]}
-    assert status == {"torchscript": "passed", "onnx": "passed", "onnx-int8-static": "passed",
-                      "onnx-int8-dynamic": "passed", "onnx-int4": "passed"}
+    expected = {name: "passed" for name in (
+        "torchscript", "onnx", "onnx-int8-static", "onnx-int8-dynamic", "onnx-int4",
+        "modelopt-int8", "modelopt-fp8", "modelopt-int4", "modelopt-torch-int8")}
+    from serve_kit.gpu import cuda_unavailable_reason, tensorrt_unavailable_reason
+
+    for name, reason in (("torchscript-cuda-fp16", cuda_unavailable_reason()),
+                         ("trt-fp16", tensorrt_unavailable_reason()), ("trt-int8", tensorrt_unavailable_reason())):
+        expected[name] = "unavailable" if reason else "passed"
+        if reason:  # never silently skipped: the report and the table say why
+            v = next(v for v in report["variants"] if v["name"] == name)
+            assert reason in v["reason"], v
+    assert status == expected
     int8 = next(v for v in report["variants"] if v["name"] == "onnx-int8-static")
     assert int8["validation"]["metric_delta"] >= -1.0  # the bar: at most 1 point of top-1
     assert report["reference"]["metric"] > 95
