@@ -11,6 +11,13 @@ percentage) or the window limit is reached, when the result is marked UNSTABLE. 
 recorded (HdrHistogram); peak memory is the RSS high-water mark (reset per batch size) above the
 RSS before the model was loaded; FLOPs per sample come from the ONNX graph (flops.py) and are
 reported as a fraction of this machine's measured FP32 GEMM peak.
+
+A version whose backend runs on a CUDA GPU (TensorRT; ONNX Runtime with a CUDA or TensorRT
+provider; `device: cuda` in config.yaml's parameters) also gets a `gpu` entry per result (gpu.py):
+NVML utilization, memory and power sampled over its measurement windows, an H2D / compute / D2H
+split timed with CUDA events after the windows, and its FLOPs as a fraction of the GPU's measured
+GEMM peak (calibrated once, in a separate process, before the versions run). Where the GPU cannot
+be used the entry says why; a CPU-only version's results are exactly what they were.
 """
 
 from __future__ import annotations
@@ -141,6 +148,7 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
         if job.eager and source.get("kind") in ("torch", "torchscript"):
             plan.append((config, info, sizes, True))  # the newest planned version's source
     env = environment()
+    gpu_devices = _probe_gpus(plan, job, progress)
     peak = None
     if job.flops and any(((i.manifest or {}).get("backend") or c.backend) == "onnxruntime" for c, i, _, _ in plan):
         from .flops import gemm_peak
@@ -149,6 +157,7 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
         with progress.task("calibrating this machine's FP32 GEMM peak", None):
             peak = gemm_peak(threads)
     results, skipped, model_hashes, any_synthetic = [], [], {}, False
+    source_of: dict[int, str | None] = {}  # id(result row) -> its version's source sha256
     for config, info, sizes, eager in plan:
         manifest = info.manifest or {}
         backend_name = EAGER if eager else manifest.get("backend") or config.backend
@@ -158,7 +167,7 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
         spec = {"repository": str(job.repository), "model": config.name, "version": info.version, "sizes": sizes,
                 "warmup_s": job.warmup_s, "window_s": job.window_s, "min_windows": job.min_windows,
                 "max_windows": job.max_windows, "stability_pct": job.stability_pct, "synthetic": job.synthetic,
-                "flops": job.flops, "eager": eager}
+                "flops": job.flops, "eager": eager, "gpu_devices": gpu_devices}
         out = _run_child(spec, progress, f"{config.name} v{info.version} ({backend_name})",
                          len(sizes) * job.max_windows)
         if "unavailable" in out:
@@ -172,11 +181,15 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
             else:
                 r.update(variant=manifest.get("variant", "?"), precision=manifest.get("precision"))
             any_synthetic |= r["synthetic"]
+            source_of[id(r)] = (manifest.get("source") or {}).get("sha256")
             f = r.get("flops") or {}
-            if peak and f.get("per_sample"):
+            on_gpu = bool(r.get("gpu")) and "unavailable" not in r["gpu"]
+            if peak and f.get("per_sample") and not on_gpu:  # a CPU peak says nothing about a GPU's rate
                 f["achieved_per_s"] = f["per_sample"] * r["throughput"]
                 f["fraction_of_peak"] = f["achieved_per_s"] / peak["flops_per_s"]
         results.extend(out["rows"])
+    if gpu_devices:
+        _gpu_fractions(results, gpu_devices, source_of)
     if any_synthetic:
         progress.warn("WARNING: some versions were measured on SYNTHETIC random inputs (--synthetic)")
     return {
@@ -191,6 +204,7 @@ def run_offline(job: OfflineJob, progress=None) -> dict:
                      "min_windows": job.min_windows, "max_windows": job.max_windows,
                      "stability_pct": job.stability_pct},
         "peak": peak,
+        **({"gpu_devices": gpu_devices} if gpu_devices else {}),
         "results": results,
         "skipped": skipped,
         "warnings": [w for r in results for w in r["warnings"]],
@@ -239,6 +253,64 @@ def _run_child(spec: dict, progress, label: str, total: int) -> dict:
     if result is None or rc != 0:
         raise RuntimeError(f"measuring {label} failed (exit {rc}):\n{stderr[-4000:]}")
     return result
+
+
+def _probe_gpus(plan, job: OfflineJob, progress) -> dict[str, dict]:
+    """Each CUDA device a planned version asks for: its facts and, with FLOP counting on, its
+    GEMM peak, measured in a separate process (gpu.probe_in_subprocess). Empty for CPU plans."""
+    from ..runtime.models import available_cores, backend_options
+    from .gpu import gpu_request, probe_in_subprocess
+
+    devices: list[str] = []
+    for config, info, _, eager in plan:
+        req = None if eager else gpu_request((info.manifest or {}).get("backend") or config.backend,
+                                             backend_options(config, available_cores()))
+        if req and req["device"] not in devices:
+            devices.append(req["device"])
+    probes = {}
+    for d in devices:
+        what = f"probing {d}" + (" and calibrating its GEMM peak (FP32, TF32, FP16, BF16)" if job.flops else "")
+        with progress.task(what, None):
+            probes[d] = probe_in_subprocess(d, calibrate=job.flops)
+        if "unavailable" in probes[d]:
+            progress.warn(f"{d}: {probes[d]['unavailable']}")
+    return probes
+
+
+def _gpu_fractions(results: list[dict], gpu_devices: dict[str, dict], source_of: dict[int, str | None]) -> None:
+    """Each GPU result's FLOP rate against its device's measured peak. FLOPs are counted from ONNX
+    graphs; a version without one (a TensorRT engine, TorchScript) borrows the count of a measured
+    ONNX version of the same model made from the same source (same sha256)."""
+    from .gpu import fraction_of_peak, peak_dtype
+
+    counted: dict[tuple, tuple[float, str]] = {}
+    for r in results:
+        f = r.get("flops") or {}
+        sha = source_of.get(id(r))
+        if f.get("per_sample") and sha:
+            counted.setdefault((r["model"], sha), (f["per_sample"], f"{r['model']}/v{r['version']}"))
+    for r in results:
+        g = r.get("gpu")
+        if not g or "unavailable" in g:
+            continue
+        peaks = (gpu_devices.get(g["device"]) or {}).get("gemm_peak") or {}
+        if not peaks.get("tflops"):
+            continue
+        per_sample, origin = (r.get("flops") or {}).get("per_sample"), None
+        if not per_sample:
+            per_sample, origin = counted.get((r["model"], source_of.get(id(r))), (None, None))
+        dtype = peak_dtype(r.get("precision"), r["backend"], g.get("fp32_matmul"))
+        g["gemm_peak_tflops"] = peaks["tflops"]
+        g["peak_dtype"] = dtype
+        if not per_sample:
+            g["fraction_of_peak"] = None
+            g["fraction_note"] = "no FLOP count (FLOPs are counted from ONNX graphs)"
+            continue
+        g["flops_per_sample"] = per_sample
+        if origin:
+            g["flops_from"] = origin
+        g["achieved_tflops"] = per_sample * r["throughput"] / 1e12
+        g["fraction_of_peak"] = fraction_of_peak(per_sample, r["throughput"], dtype, peaks["tflops"])
 
 
 EAGER = "pytorch-eager"
@@ -371,6 +443,9 @@ def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
             flops = {"flops": None, "error": f"{type(e).__name__}: {e}"}
     if spec.get("eager"):
         backend_name, flops = EAGER, None
+    gpu, skip = _gpu_plan(backend_name, opts, spec)
+    if skip:
+        return {"unavailable": skip}
     try:
         import gc
 
@@ -391,6 +466,8 @@ def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
     except _Unavailable as e:
         return {"unavailable": str(e)}
     rss_loaded = _proc_status("VmRSS")
+    gpu = _gpu_after_load(gpu, backend)
+    on_gpu = gpu is not None and "unavailable" not in gpu
     rows = []
     for b in spec["sizes"]:
         inputs = _batch(samples, b, batching)
@@ -401,6 +478,9 @@ def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
             backend.infer(inputs)
             n += 1
         windows, hist = [], stats.new_histogram()
+        # Started after the warm-up, so utilization and power are those of the measured windows.
+        # (Should a window raise, the child exits and takes the daemon sampler thread with it.)
+        sampler = _gpu_window_start(gpu) if on_gpu else None
         while len(windows) < spec["max_windows"]:
             times = []
             t_start = time.perf_counter_ns()
@@ -420,6 +500,7 @@ def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
             if len(windows) >= spec["min_windows"] and stats.is_stable(
                     [w["p50_ms"] for w in windows], [w["throughput"] for w in windows], spec["stability_pct"]):
                 break
+        gpu_row = _gpu_window_end(gpu, sampler, sum(w["calls"] for w in windows) * b) if on_gpu else None
         emit({"advance": spec["max_windows"] - len(windows)})
         peak = _proc_status("VmHWM")
         s = stats.summary(hist)
@@ -447,13 +528,98 @@ def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
             row["flops"] = ({"per_sample": flops["flops"], "by_op": flops["by_op"], "complete": flops["complete"],
                              "uncounted": flops["uncounted"]} if flops.get("flops")
                             else {"per_sample": None, "error": flops.get("error", "no MatMul/Gemm/Conv counted")})
+        if gpu_row is not None:
+            row["gpu"] = gpu_row
+        elif gpu is not None:
+            row["gpu"] = dict(gpu)
         if not stable:
             row["warnings"].append(
                 f"{key}: UNSTABLE: the last {stats.STABLE_WINDOWS} of {len(windows)} windows differ by more than "
                 f"{spec['stability_pct']:g}% (p50 spread {stats.spread([w['p50_ms'] for w in windows[-3:]]):.1f}%, "
                 f"throughput spread {stats.spread([w['throughput'] for w in windows[-3:]]):.1f}%)")
         rows.append(row)
+    if on_gpu:
+        # After every batch size's windows: torch (imported here for the events when the backend
+        # did not need it) must not count in the memory figures above.
+        _gpu_split(gpu, backend, rows, [_batch(samples, b, batching) for b in spec["sizes"]])
     return {"rows": rows}
+
+
+def _gpu_plan(backend_name: str, opts: dict, spec: dict) -> tuple[dict | None, str | None]:
+    """(the version's GPU entry, or None for a CPU version; a reason to skip it, or None).
+
+    A version whose GPU cannot be used here is not measured (the server would refuse to load it),
+    except an ONNX Runtime version that allows the CPU (`allow_cpu_fallback: true`): the server
+    runs it on the CPU, so it is measured there, and its entry says why not on the GPU."""
+    from .. import gpu as facts
+    from .gpu import gpu_request
+
+    req = None if spec.get("eager") else gpu_request(backend_name, opts)
+    if req is None:
+        return None, None
+    probe = (spec.get("gpu_devices") or {}).get(req["device"]) or {}
+    if backend_name == "onnxruntime":
+        reason = facts.ort_provider_unavailable_reason(req["provider"])
+        if reason and str(opts.get("allow_cpu_fallback")).strip().lower() in ("true", "1", "yes"):
+            return {**req, "unavailable": f"{reason}; measured on the CPU (allow_cpu_fallback)"}, None
+        if reason:
+            return None, f"asks for {req['provider']} ({req['requested_by']}), but {reason}"
+    else:
+        reason = ((facts.tensorrt_unavailable_reason() if backend_name == "tensorrt" else None)
+                  or probe.get("unavailable") or facts.cuda_unavailable_reason())
+        if reason:
+            return None, f"asks for {req['device']} ({req['requested_by']}), but {reason}"
+    return {**req, "info": probe.get("info") or {}}, None
+
+
+def _gpu_after_load(gpu: dict | None, backend) -> dict | None:
+    """An ONNX Runtime session silently drops a provider it cannot initialise: say so."""
+    session = getattr(backend, "session", None)
+    if gpu is None or "unavailable" in gpu or "provider" not in gpu or session is None:
+        return gpu
+    took = session.get_providers()
+    if gpu["provider"] in took:
+        return gpu
+    return {**gpu, "unavailable": f"the ONNX Runtime session did not take {gpu['provider']} (it runs on "
+                                  f"{', '.join(took)})"}
+
+
+def _torch_cuda():
+    """torch, when this process already uses CUDA through it (else None: not imported for this)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_initialized() else None
+
+
+def _gpu_window_start(gpu: dict):
+    from .gpu import NvmlSampler
+
+    torch = _torch_cuda()
+    if torch is not None:
+        torch.cuda.reset_peak_memory_stats(gpu["device"])
+    return NvmlSampler(gpu.get("info", {}).get("uuid") or gpu["device"]).start()
+
+
+def _gpu_window_end(gpu: dict, sampler, items: int) -> dict:
+    sampler.stop()
+    row = {**gpu, "nvml": sampler.summary(work_items=items)}
+    torch = _torch_cuda()
+    if torch is not None:
+        row["torch_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(gpu["device"]))
+        row["fp32_matmul"] = torch.get_float32_matmul_precision()
+    return row
+
+
+def _gpu_split(gpu: dict, backend, rows: list[dict], inputs: list[dict[str, np.ndarray]]) -> None:
+    from ..errors import ServeKitError
+    from .gpu import split_backend
+
+    for row, x in zip(rows, inputs):
+        try:
+            row["gpu"]["cuda_events"] = split_backend(backend, x, gpu["device"]).to_dict()
+        except ServeKitError as e:  # e.g. ONNX Runtime on the GPU, but no CUDA build of torch here
+            row["gpu"]["cuda_events"] = {"unavailable": e.message}
 
 
 def _child_main() -> None:

@@ -195,7 +195,8 @@ def environment() -> dict[str, Any]:
     except OSError:
         pass
     libs = {d: _version(d) for d in ("numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "torch", "grpcio",
-                                     "protobuf", "httptools", "uvloop", "hdrhistogram", "orjson")}
+                                     "protobuf", "httptools", "uvloop", "hdrhistogram", "orjson", "tensorrt",
+                                     "nvidia-ml-py")}
     return {
         "serve_kit": __version__,
         "python": sys.version.split()[0],
@@ -207,6 +208,82 @@ def environment() -> dict[str, Any]:
         "load_average": list(load) if load else None,
         "libraries": {k: v for k, v in libs.items() if v},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU results (offline)
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render_gpu(report: dict[str, Any], out) -> None:
+    """The GPU side of an offline report, when a version ran (or asked to run) on a GPU: each
+    device's measured GEMM peak, then per result NVML utilization / memory / power / energy, the
+    CUDA-event H2D / compute / D2H split and the fraction of the peak; why, where unavailable."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    devices = report.get("gpu_devices") or {}
+    rows = [r for r in report.get("results", []) if r.get("gpu")]
+    if not devices and not rows:
+        return
+    for d, p in devices.items():
+        if "unavailable" in p:
+            out.print(f"[yellow]GPU {escape(d)} unavailable[/]: {escape(p['unavailable'])}")
+            continue
+        info = p.get("info") or {}
+        peak = (p.get("gemm_peak") or {}).get("tflops") or {}
+        peaks = ", ".join(f"{k.upper()} {v:,.1f}" for k, v in peak.items() if v) or "not calibrated (--no-flops)"
+        out.print(f"GPU {escape(d)}: {escape(str(info.get('name', '?')))} (sm {info.get('compute_capability', '?')}, "
+                  f"{_gib(info.get('total_memory_bytes'))}); measured GEMM peak TFLOP/s: {peaks}", highlight=False)
+    measured = [r for r in rows if "unavailable" not in r["gpu"]]
+    said = set()
+    for r in rows:  # once per version: its batch sizes share the reason
+        g = r["gpu"]
+        what = (r["model"], r["version"], r.get("variant"), g.get("unavailable"))
+        if "unavailable" in g and what not in said:
+            said.add(what)
+            out.print(f"[yellow]{escape(r['model'])} v{r['version']} ({escape(str(r.get('variant')))}): not on the "
+                      f"GPU[/] ({escape(g.get('requested_by', ''))}): {escape(g['unavailable'])}")
+    if not measured:
+        return
+    table = Table(title="GPU: NVML over the measurement windows; CUDA-event split (p50 ms) after them")
+    for c in ("result", "device", "util mean/max", "mem max", "power mean/max", "J/sample", "H2D ms",
+              "compute ms", "D2H ms", "split", "TFLOP/s", "of peak"):
+        table.add_column(c, justify="left" if c in ("result", "device", "split") else "right")
+    nvml_missing = set()
+    for r in measured:
+        g = r["gpu"]
+        n = g.get("nvml") or {}
+        if "unavailable" in n:
+            nvml_missing.add(n["unavailable"])
+            util = mem = power = joules = "-"
+        else:
+            util = f"{_num(n.get('util_mean_pct'), '.0f')}/{_num(n.get('util_max_pct'), '.0f')} %"
+            mem = _gib(n.get("memory_used_max_bytes"))
+            power = f"{_num(n.get('power_mean_w'), '.0f')}/{_num(n.get('power_max_w'), '.0f')} W"
+            joules = _num(n.get("joules_per_item"), ".3g")
+        ev = g.get("cuda_events") or {}
+        phases = ev.get("phases_ms") or {}
+        cells = [_num((phases.get(k) or {}).get("p50"), ".3f") for k in ("h2d", "compute", "d2h")]
+        split = ("-" if not ev else "[yellow]unavailable[/]" if "unavailable" in ev
+                 else escape(ev["method"]) + (" (estimate)" if ev.get("estimated") else ""))
+        frac = g.get("fraction_of_peak")
+        table.add_row(escape(r["key"]), escape(g["device"]), util, mem, power, joules, *cells, split,
+                      _num(g.get("achieved_tflops"), ".3g"),
+                      f"{frac * 100:.3g}% of {g['peak_dtype'].upper()}" if frac is not None else "-")
+    out.print(table)
+    for reason in sorted(nvml_missing):
+        out.print(f"[yellow]NVML unavailable[/]: {escape(reason.removeprefix('NVML: '))}")
+    for reason in sorted({r["gpu"]["cuda_events"]["unavailable"] for r in measured
+                          if "unavailable" in (r["gpu"].get("cuda_events") or {})}):
+        out.print(f"[yellow]CUDA-event split unavailable[/]: {escape(reason)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -366,6 +366,9 @@ def _render_offline(r: dict) -> None:
                       human_size(mem["peak_rss_delta_bytes"]) if mem.get("peak_rss_delta_bytes") is not None else "-",
                       f"{p['windows_measured']}" + ("" if p["stable"] else " [red]UNSTABLE[/]"))
     out.print(table)
+    from ..bench.report import render_gpu
+
+    render_gpu(r, out)
     for s in r.get("skipped", []):
         out.print(f"[yellow]not measured[/]: {escape(s['model'])} v{s['version']} ({s['backend']}): "
                   f"{escape(s['reason'])}")
