@@ -12,9 +12,9 @@ import functools
 from typing import Any
 
 TENSORRT_INSTALL_HINT = (
-    "TensorRT's wheels come from NVIDIA's package index: `pip install 'serve-kit[gpu]' "
-    "--extra-index-url https://pypi.nvidia.com` (the PyPI `tensorrt` packages only fetch the real "
-    "wheel from there at install time), on a machine with an NVIDIA GPU and driver")
+    "install it from NVIDIA's index: pip install 'serve-kit[gpu]' --extra-index-url "
+    "https://pypi.nvidia.com (needs an NVIDIA GPU and driver)")
+"""The PyPI `tensorrt` packages only fetch the real wheel from NVIDIA's index at install time."""
 
 
 @functools.lru_cache(maxsize=None)

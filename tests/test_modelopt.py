@@ -221,3 +221,31 @@ def test_onnx_runtime_static_int8_still_works_after_a_modelopt_target(cnn_ctx, c
     assert (calibrate.MinMaxCalibrater.collect_data, registry.QDQRegistry, registry.QLinearOpsRegistry) == before
     art = _build("onnx-int8-static", cnn_ctx, {"diagnose": False}, sub="ort")
     _check(art, cnn_ctx, cnn_data[1], 0.99)
+
+
+def test_sensitivity_diagnosis_keeps_the_costliest_nodes_and_the_retry_quantizes_fewer(cnn_ctx, cnn_data):
+    import onnx as _onnx
+
+    from serve_kit.optimize.quantize.modelopt_onnx import _bypassed, quantized_nodes
+
+    target = target_class("modelopt-int8")({"diagnose_target_cosine": 0.999999})
+    art = target.build(cnn_ctx, cnn_ctx.workdir / "first")
+    model = _onnx.load(str(art.path))
+    nodes = quantized_nodes(model)
+    assert len(nodes) >= 2 and all(op for op in nodes)
+    # Bypassing every quantized node gives back the float model's outputs.
+    import onnxruntime as ort
+
+    probe = cnn_data[1].subset(np.arange(32))
+    plain = ort.InferenceSession(_bypassed(model, nodes, list(nodes)).SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, probe.inputs)[0]
+    assert np.allclose(plain, cnn_ctx.source.run(probe.inputs)["logits"], atol=1e-4)
+
+    new_cfg = target.retry_config(cnn_ctx, art, cnn_data[1], attempt=1)
+    plan = art.details["diagnosis"]
+    assert new_cfg is not None and new_cfg.keep_nodes == plan["exclude"] and plan["exclude"]
+    assert plan["probe_cosine_after"] > plan["probe_cosine_before"]
+    retry = target_class("modelopt-int8")(new_cfg).build(cnn_ctx, cnn_ctx.workdir / "second")
+    assert retry.details["nodes_kept_in_float"] == plan["exclude"]
+    assert len(quantized_nodes(_onnx.load(str(retry.path)))) < len(nodes)
+    assert target_class("modelopt-int8")({"diagnose": False}).retry_config(cnn_ctx, art, cnn_data[1], 1) is None

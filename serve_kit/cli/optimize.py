@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, RepositorySpec, SourceSpec, TargetSpec,
@@ -198,7 +199,7 @@ def render(result: dict) -> None:
             label += f" after {v['attempts']} tries"
         if status == "unavailable":
             label += f": {v['reason']}"
-        row.append(f"[{style}]{label}[/]")
+        row.append(f"[{style}]{escape(label)}[/]")
         table.add_row(*row)
     out.print(table)
     for v in result["variants"]:
@@ -209,7 +210,7 @@ def render(result: dict) -> None:
             out.print(f"[red]{v['name']} missed its gate:[/] " + "; ".join(
                 c["text"] for c in v["validation"]["checks"] if not c["passed"]))
         if v["status"] == "error":
-            out.print(f"[red]{v['name']} failed:[/] {v['error']}", highlight=False)
+            out.print(f"[red]{v['name']} failed:[/] {escape(v['error'])}", highlight=False)
     w = result.get("written")
     if w:
         out.print(f"[green]wrote[/] {w['model']} version {w['version']} ({w['variant']}) -> {w['path']}")

@@ -59,7 +59,9 @@ class _ModeloptOnnxConfig(TargetConfig):
     gemm_to_matmul: bool = True
     """Rewrite Gemm (2-D nn.Linear) as MatMul + Add first, so that the linear layers get quantized."""
     nodes_to_exclude: list[str] = Field(default_factory=list)
-    """Node names (regular expressions) kept in high precision."""
+    """Node name patterns (regular expressions, matched from the start) kept in high precision."""
+    keep_nodes: list[str] = Field(default_factory=list)
+    """Exact node names kept in high precision (what the diagnosis adds)."""
     op_types_to_quantize: list[str] | None = None
     """Op types to quantize; None = Model Optimizer's default set for the mode."""
 
@@ -129,10 +131,7 @@ class _ModeloptOnnxTarget(Target):
         ctx.progress.log(f"{self.name}: keeping {len(plan['exclude'])} node(s) in {cfg.high_precision_dtype} "
                          f"(probe cosine {plan['probe_cosine_before']:.4f} -> {plan['probe_cosine_after']:.4f}) "
                          "and quantizing again", "yellow")
-        # nodes_to_exclude holds regular expressions that Model Optimizer matches at the start of a
-        # name: anchor and escape, so that node_MatMul_8 does not also exclude node_MatMul_88.
-        exact = [f"{re.escape(n)}$" for n in plan["exclude"]]
-        return cfg.model_copy(update={"nodes_to_exclude": [*cfg.nodes_to_exclude, *exact]})
+        return cfg.model_copy(update={"keep_nodes": [*cfg.keep_nodes, *plan["exclude"]]})
 
     def _build_impl(self, ctx: BuildContext, outdir: Path) -> Artifact:
         from modelopt.onnx.quantization import quantize
@@ -148,12 +147,12 @@ class _ModeloptOnnxTarget(Target):
         path = outdir / "model.onnx"
         args = dict(quantize_mode=self.mode, calibration_data=calib, calibration_method=cfg.calibration_method,
                     calibration_eps=["cpu"], high_precision_dtype=cfg.high_precision_dtype,
-                    nodes_to_exclude=cfg.nodes_to_exclude or None, op_types_to_quantize=cfg.op_types_to_quantize,
+                    nodes_to_exclude=_exclusions(cfg) or None, op_types_to_quantize=cfg.op_types_to_quantize,
                     output_path=str(path), log_level="CRITICAL", **self._extra_args(ctx))
         with ctx.progress.task(f"quantize {self.name} (Model Optimizer {cfg.calibration_method}, {n} samples)"):
             _quiet_modelopt()
             try:
-                with ort_quantization_restored():
+                with ort_quantization_restored(), stdout_to_stderr():
                     quantize(str(src), **args)
             except Exception as e:
                 raise ConversionError(f"Model Optimizer {self.mode} quantization failed: "
@@ -172,7 +171,8 @@ class _ModeloptOnnxTarget(Target):
             "quantizer": "nvidia-modelopt", "modelopt_version": _modelopt_version(), "mode": self.mode,
             "calibration_method": cfg.calibration_method, "calibration_samples": n,
             "high_precision_dtype": cfg.high_precision_dtype, "gemm_rewritten_as_matmul": rewritten,
-            "ops": ops}, backend_options=ort_options_for(path))
+            "nodes_kept_in_float": [*cfg.nodes_to_exclude, *cfg.keep_nodes], "ops": ops},
+            backend_options=ort_options_for(path))
 
 
 FP8_ORT_OPTIMIZATION = "basic"
@@ -306,6 +306,32 @@ def ort_quantization_restored():
                     delattr(obj, name)
             else:
                 setattr(obj, name, value)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Model Optimizer and the Polygraphy / graphsurgeon code under it print progress ("Inserted 14
+    quantizers", "[W] ...") to stdout, where `serve-kit --json` writes its report: send file
+    descriptor 1 to stderr for the duration (C-level writes included)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _exclusions(cfg) -> list[str]:
+    """Model Optimizer matches nodes_to_exclude as regular expressions from the start of a name:
+    exact names are escaped and anchored, so that node_MatMul_8 does not also exclude node_MatMul_88."""
+    return [*cfg.nodes_to_exclude, *(f"{re.escape(n)}$" for n in cfg.keep_nodes)]
 
 
 def _modelopt_version() -> str:

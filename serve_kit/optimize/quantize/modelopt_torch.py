@@ -32,7 +32,8 @@ from pydantic import Field
 from ...errors import ConversionError
 from ..target import Artifact, BuildContext, Target, TargetConfig, register_target
 from . import count_ops
-from .modelopt_onnx import _modelopt_version, _quiet_modelopt, modelopt_unavailable_reason, ort_options_for
+from .modelopt_onnx import (_modelopt_version, _quiet_modelopt, modelopt_unavailable_reason, ort_options_for,
+                            stdout_to_stderr)
 
 
 class ModeloptTorchConfig(TargetConfig):
@@ -68,7 +69,7 @@ def quantize_module(module, config_name: str, ctx: BuildContext, cfg: ModeloptTo
 
     model = copy.deepcopy(module).eval()
     _quiet_modelopt()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stdout_to_stderr():
         warnings.simplefilter("ignore")
         return mtq.quantize(model, qcfg, forward_loop), n
 
@@ -135,7 +136,8 @@ class _ModeloptTorchTarget(Target):
                                       "with `disable: ['*name*']` in the target's config") from None
         path = outdir / "export.onnx"
         try:
-            export_legacy(model, ctx, path, cfg.opset)
+            with stdout_to_stderr():
+                export_legacy(model, ctx, path, cfg.opset)
         except Exception as e:
             raise ConversionError(f"ONNX export of the quantized model failed: "
                                   f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}",
