@@ -155,3 +155,32 @@ def test_torchscript_source_exports_to_onnx_with_the_legacy_exporter(tmp_path, d
     assert art.details["exporter"] == "legacy"
     out, _ = _run(art, data[1])
     assert compare_outputs(source.run(data[1].inputs), out)["logits"]["max_abs_error"] < 1e-5
+
+
+@pytest.mark.parametrize("name", ["torchscript-cuda-fp16", "torchscript-cuda-bf16"])
+def test_half_precision_cuda_targets_say_why_they_cannot_run_here(ctx, name):
+    from serve_kit.gpu import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        pytest.skip("CUDA is available here: the gpu test below builds it")
+    assert target_class(name)({}).unavailable_reason(ctx.source) == reason
+    with pytest.raises(TargetUnavailable):
+        _build(name, ctx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,min_cosine", [("torchscript-cuda-fp16", 0.9995), ("torchscript-cuda-bf16", 0.999)])
+def test_half_precision_cuda_targets_match_eager(ctx, data, name, min_cosine):
+    from serve_kit.gpu import cuda_unavailable_reason
+
+    if cuda_unavailable_reason():
+        pytest.skip(f"CUDA: {cuda_unavailable_reason()}")
+    art = _build(name, ctx)
+    assert art.backend_options == {"device": "cuda"} and art.details["gpu"]["name"]
+    backend = load_backend(art.backend, art.path, ["logits"], {"input_names": ["x"], **art.backend_options})
+    out = backend.infer(data[1].inputs)
+    assert out["logits"].dtype == np.float32  # FP32 in and out; half precision inside
+    err = compare_outputs(_reference(ctx, data[1]), out)["logits"]
+    assert err["cosine_mean"] > min_cosine
+    assert backend.infer({"x": data[1].inputs["x"][:3]})["logits"].shape == (3, 10)
