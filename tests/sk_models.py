@@ -117,3 +117,32 @@ def digits_npz(path, n: int = 600) -> str:
     x, y = digits_flat()
     np.savez(path, x=x[1000:1000 + n], labels=y[1000:1000 + n])
     return str(path)
+
+
+# The MLP as an optimize source, as the target tests build it (tests/test_targets.py, test_modelopt.py).
+def mlp_specs():
+    from serve_kit.config import TensorSpec
+
+    return ([TensorSpec(name="x", datatype="FP32", shape=[-1, 64])],
+            [TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])])
+
+
+def mlp_datasets():
+    """(calibration, evaluation): real digits, disjoint from the 1000 the MLP trained on."""
+    from serve_kit.optimize.calibration import Dataset
+
+    x, y = digits_flat()
+    return Dataset({"x": x[1000:1200]}, y[1000:1200], "digits calibration"), \
+        Dataset({"x": x[1200:1500]}, y[1200:1500], "digits evaluation")
+
+
+def mlp_context(workdir, calibration):
+    """A BuildContext for the trained MLP (its factory, as a user's would be loaded)."""
+    from serve_kit.config import SourceSpec
+    from serve_kit.optimize.source import load_source
+    from serve_kit.optimize.target import BuildContext
+
+    inputs, outputs = mlp_specs()
+    source = load_source(SourceSpec(factory="sk_models:mlp"))
+    source.inputs, source.outputs = inputs, outputs
+    return BuildContext(source, inputs, outputs, calibration, workdir)

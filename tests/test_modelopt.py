@@ -20,23 +20,18 @@ from serve_kit.runtime.backends import load_backend
 
 pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt is not installed (serve-kit[modelopt])")
 
-INPUTS = [TensorSpec(name="x", datatype="FP32", shape=[-1, 64])]
-OUTPUTS = [TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])]
+INPUTS, OUTPUTS = sk_models.mlp_specs()
 CNN_INPUTS = [TensorSpec(name="input", datatype="FP32", shape=[-1, 1, 8, 8])]
 
 
 @pytest.fixture(scope="module")
 def data():
-    x, y = sk_models.digits_flat()
-    return Dataset({"x": x[1000:1200]}, y[1000:1200], "digits calibration"), \
-        Dataset({"x": x[1200:1500]}, y[1200:1500], "digits evaluation")
+    return sk_models.mlp_datasets()
 
 
 @pytest.fixture
 def ctx(tmp_path, data):
-    source = load_source(SourceSpec(factory="sk_models:mlp"))
-    source.inputs, source.outputs = INPUTS, OUTPUTS
-    return BuildContext(source, INPUTS, OUTPUTS, data[0], tmp_path)
+    return sk_models.mlp_context(tmp_path, data[0])
 
 
 @pytest.fixture(scope="module")

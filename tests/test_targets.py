@@ -8,31 +8,25 @@ import pytest
 import torch
 
 import sk_models
-from serve_kit.config import SourceSpec, TensorSpec
+from serve_kit.config import SourceSpec
 from serve_kit.errors import ConfigError, TargetUnavailable
-from serve_kit.optimize.calibration import Dataset
 from serve_kit.optimize.quantize import count_ops, gemm_to_matmul
 from serve_kit.optimize.source import load_source
 from serve_kit.optimize.target import BuildContext, target_class
 from serve_kit.optimize.validate import compare_outputs
 from serve_kit.runtime.backends import load_backend
 
-INPUTS = [TensorSpec(name="x", datatype="FP32", shape=[-1, 64])]
-OUTPUTS = [TensorSpec(name="logits", datatype="FP32", shape=[-1, 10])]
+INPUTS, OUTPUTS = sk_models.mlp_specs()
 
 
 @pytest.fixture(scope="module")
 def data():
-    x, y = sk_models.digits_flat()
-    return Dataset({"x": x[1000:1200]}, y[1000:1200], "digits calibration"), \
-        Dataset({"x": x[1200:1500]}, y[1200:1500], "digits evaluation")
+    return sk_models.mlp_datasets()
 
 
 @pytest.fixture
 def ctx(tmp_path, data):
-    source = load_source(SourceSpec(factory="sk_models:mlp"))
-    source.inputs, source.outputs = INPUTS, OUTPUTS
-    return BuildContext(source, INPUTS, OUTPUTS, data[0], tmp_path)
+    return sk_models.mlp_context(tmp_path, data[0])
 
 
 def _reference(ctx, ds):
