@@ -40,6 +40,12 @@ def backend_class(name: str) -> type["Backend"]:
     return _CLASSES[name]
 
 
+def option_flag(value) -> bool:
+    """A boolean backend option: config.yaml parameters arrive as strings ("true") unless the
+    server already turned them into bools."""
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
+
+
 def load_backend(name: str, model_path: Path, output_names: list[str] | None = None,
                  options: dict | None = None) -> "Backend":
     backend = backend_class(name)(Path(model_path), output_names=output_names, options=options or {})

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelLoadError
-from . import Backend, register_backend
+from . import Backend, option_flag, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _refuse(self, provider: str, reason: str) -> None:
         """Fail the load over a GPU provider that cannot be used, or with allow_cpu_fallback warn."""
-        if _flag(self.options.get("allow_cpu_fallback")):
+        if option_flag(self.options.get("allow_cpu_fallback")):
             log.warning("%s: %s not used (%s); running on the CPU (allow_cpu_fallback)", self.model_path,
                         provider, reason)
             return
@@ -118,11 +118,6 @@ class OnnxRuntimeBackend(Backend):
         # Exports name their outputs after the config; positional renaming covers sources that
         # were exported elsewhere under other names.
         return dict(zip(self.output_names, self.session.run(None, {k: _ort_input(v) for k, v in inputs.items()})))
-
-
-def _flag(value: Any) -> bool:
-    # config.yaml parameters arrive as strings unless the server already turned them into bools.
-    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
 
 
 def _provider_reason(name: str) -> str | None:
@@ -173,7 +168,7 @@ def provider_options(names: list[str], options: dict[str, Any], model_path: Path
             cache = str(trt_cache_dir(model_path))
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache,
                         trt_timing_cache_enable=True, trt_timing_cache_path=cache,
-                        trt_fp16_enable=_flag(options.get("trt_fp16")))
+                        trt_fp16_enable=option_flag(options.get("trt_fp16")))
         out.append((name, opts) if opts else name)
     return out
 

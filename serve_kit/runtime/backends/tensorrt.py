@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InputError, ModelLoadError
-from . import Backend, register_backend
+from . import Backend, option_flag, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class TensorRTBackend(Backend):
                                  value=device, origin="parameters.device")
         torch.cuda.init()  # TensorRT runs in the CUDA context that torch creates and shares
         self.platform = current_platform(self._index)
-        for w in check_engine_compat(self.model_path, self.platform, bool(self.options.get("strict_gpu_match"))):
+        for w in check_engine_compat(self.model_path, self.platform, option_flag(self.options.get("strict_gpu_match"))):
             log.warning("%s: %s", self.model_path, w)
 
         with torch.cuda.device(self._index):

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 
 from ...errors import ModelLoadError
-from . import Backend, register_backend
+from . import Backend, option_flag, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TorchScriptBackend(Backend):
                 pass
         self._stream = torch.cuda.Stream(self.device) if self.device != "cpu" else None
         self._graphs = None
-        if self._stream is not None and _flag(self.options.get("cuda_graphs")):
+        if self._stream is not None and option_flag(self.options.get("cuda_graphs")):
             self._graphs = CudaGraphs(self.module, self.device, self._stream,
                                       _batch_sizes(self.options.get("cuda_graph_batch_sizes")))
         names = self.options.get("input_names")
@@ -108,10 +108,6 @@ class TorchScriptBackend(Backend):
                     if result is not None:
                         return torch_outputs_to_numpy(result, self.output_names)
                 return torch_outputs_to_numpy(self.module(*args), self.output_names)
-
-
-def _flag(value) -> bool:
-    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
 
 
 def _device(option) -> str:
