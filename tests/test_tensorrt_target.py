@@ -99,7 +99,21 @@ def test_explicit_shapes_are_checked_against_the_model():
 
 def test_the_config_is_validated_when_built():
     with pytest.raises(ConfigError, match="opt_batch_size 65 > max_batch_size 64"):
-        target_class("trt-fp16")({"opt_batch_size": 65})
+        target_class("trt-fp16")({"opt_batch_size": 65, "max_batch_size": 64})
+    # Without a max, the limit comes from the model's batching config when the engine is built.
+    with pytest.raises(ConfigError, match="opt_batch_size 65 > max_batch_size 64"):
+        profile_shapes({"x": [-1, 64]}, {}, cfg(opt_batch_size=65))
+
+
+def test_the_engine_batch_limit_follows_the_served_max_batch_size(tmp_path):
+    from serve_kit.optimize.export.tensorrt import DEFAULT_MAX_BATCH, with_batch_limit
+    from serve_kit.optimize.target import BuildContext
+
+    ctx = BuildContext(None, [], [], None, tmp_path, max_batch_size=128)
+    assert with_batch_limit(cfg(), ctx).max_batch_size == 128
+    assert with_batch_limit(cfg(max_batch_size=8), ctx).max_batch_size == 8  # set on purpose: kept
+    ctx.max_batch_size = None
+    assert with_batch_limit(cfg(), ctx).max_batch_size == DEFAULT_MAX_BATCH
     with pytest.raises(ConfigError, match="min <= opt <= max"):
         target_class("trt-int8")({"shapes": {"x": {"min": [4, 64], "opt": [2, 64], "max": [8, 64]}}})
     with pytest.raises(ConfigError, match="workspace_mb"):

@@ -236,7 +236,8 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     workdir = Path(tempfile.mkdtemp(prefix="serve-kit-optimize-"))
     try:
         ctx = BuildContext(source, inputs, outputs, split.calibration, workdir, progress,
-                           cache_dir=job.repository / model_name / BUILD_CACHE)
+                           cache_dir=job.repository / model_name / BUILD_CACHE,
+                           max_batch_size=_served_max_batch(job, model_name))
         built: dict[str, Artifact] = {}
         for spec in target_specs:
             record, artifact = _run_target(job, spec, ctx, split.evaluation, ref_out, metric, ref_metric, progress)
@@ -295,6 +296,13 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     report["seconds"] = round(time.time() - started, 2)
     _write_report(job, model_name, report)
     return report
+
+
+def _served_max_batch(job: OptimizeJob, model_name: str) -> int:
+    """The max_batch_size the written config.yaml will have (_write_version keeps an existing one)."""
+    cfg_path = job.repository / model_name / "config.yaml"
+    limit = load_model_config(cfg_path).max_batch_size if cfg_path.exists() else job.repo_spec.max_batch_size
+    return max(limit, 1)
 
 
 def _backend_for(artifact: Artifact, inputs: list[TensorSpec], outputs: list[TensorSpec]):

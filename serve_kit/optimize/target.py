@@ -89,6 +89,9 @@ class BuildContext:
     cache_dir: Path | None = None
     """A folder kept across runs (in the repository, beside config.yaml) for build caches such as
     TensorRT's timing cache; None = nothing is kept."""
+    max_batch_size: int | None = None
+    """The largest batch the served model will be given (config.yaml's max_batch_size), for
+    targets that fix it at build time (TensorRT's optimization profile); None = not known."""
     _onnx_fp32: Path | None = None
     _built: dict[str, Artifact] = field(default_factory=dict)
 

@@ -51,9 +51,10 @@ class ShapeRange(BaseModel):
 
 
 class TensorRTConfig(TargetConfig):
-    max_batch_size: int = Field(default=64, ge=1)
-    """Largest batch the engine accepts (the profile's max). Keep it >= config.yaml's
-    max_batch_size: a bigger batch is refused at run time."""
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Largest batch the engine accepts (the profile's max). None = the model's config.yaml
+    max_batch_size as optimize writes it (so the dynamic batcher never sends a batch the engine
+    refuses), or 64 outside a pipeline."""
     opt_batch_size: int | None = Field(default=None, ge=1)
     """Batch size TensorRT tunes its kernels for; None = max_batch_size (what a busy dynamic
     batcher sends)."""
@@ -76,7 +77,8 @@ class TensorRTConfig(TargetConfig):
 
     @model_validator(mode="after")
     def _opt_le_max(self) -> "TensorRTConfig":
-        if self.opt_batch_size is not None and self.opt_batch_size > self.max_batch_size:
+        if self.opt_batch_size is not None and self.max_batch_size is not None \
+                and self.opt_batch_size > self.max_batch_size:
             raise ValueError(f"opt_batch_size {self.opt_batch_size} > max_batch_size {self.max_batch_size}")
         return self
 
@@ -108,7 +110,10 @@ def profile_shapes(shapes: Mapping[str, Sequence[int]], samples: Mapping[str, Se
     if unknown:
         raise ConfigError(f"`shapes` names inputs the model does not have: {unknown}", origin=origin,
                           hint=f"the model's inputs are {list(shapes)}")
-    opt_batch = cfg.opt_batch_size or cfg.max_batch_size
+    max_batch = cfg.max_batch_size or DEFAULT_MAX_BATCH
+    opt_batch = cfg.opt_batch_size or max_batch
+    if opt_batch > max_batch:
+        raise ConfigError(f"opt_batch_size {opt_batch} > max_batch_size {max_batch}", origin=origin)
     out: dict[str, dict[str, list[int]]] = {}
     for name, shape in shapes.items():
         shape = [int(d) for d in shape]
@@ -129,7 +134,7 @@ def profile_shapes(shapes: Mapping[str, Sequence[int]], samples: Mapping[str, Se
             if d != -1:
                 lo.append(d), mid.append(d), hi.append(d)
             elif i == 0:
-                lo.append(1), mid.append(opt_batch), hi.append(cfg.max_batch_size)
+                lo.append(1), mid.append(opt_batch), hi.append(max_batch)
             elif sample is not None and len(sample) == len(shape) - 1:
                 c = int(sample[i - 1])
                 lo.append(1), mid.append(c), hi.append(c)
@@ -139,6 +144,16 @@ def profile_shapes(shapes: Mapping[str, Sequence[int]], samples: Mapping[str, Se
                                   hint=f"give shapes: {{{name}: {{min: [...], opt: [...], max: [...]}}}}")
         out[name] = {"min": lo, "opt": mid, "max": hi}
     return out
+
+
+DEFAULT_MAX_BATCH = 64
+
+
+def with_batch_limit(cfg: TensorRTConfig, ctx: BuildContext) -> TensorRTConfig:
+    """The config with its max_batch_size filled in from the model's batching limit."""
+    if cfg.max_batch_size is not None:
+        return cfg
+    return cfg.model_copy(update={"max_batch_size": ctx.max_batch_size or DEFAULT_MAX_BATCH})
 
 
 def builder_flags(precision: str, strongly_typed: bool = False) -> list[str]:
@@ -310,7 +325,7 @@ class _TensorRTTarget(Target):
         return ctx.built_by(self.quantizer, self.config.quantize_config).path
 
     def _build_impl(self, ctx: BuildContext, outdir: Path) -> Artifact:
-        cfg: TensorRTConfig = self.config
+        cfg: TensorRTConfig = with_batch_limit(self.config, ctx)
         onnx_path = self._onnx_input(ctx)
         cache = ctx.cache_dir / TIMING_CACHE_NAME if (ctx.cache_dir is not None and cfg.timing_cache) else None
         samples = calibration_sample_shapes(ctx.calibration)

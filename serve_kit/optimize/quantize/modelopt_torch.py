@@ -211,11 +211,13 @@ class ModeloptTorchInt4AWQ(_ModeloptTorchTarget):
         return None
 
     def _build_impl(self, ctx: BuildContext, outdir: Path) -> Artifact:
-        from ..export.tensorrt import TIMING_CACHE_NAME, TensorRTConfig, build_engine, calibration_sample_shapes
+        from ..export.tensorrt import (TIMING_CACHE_NAME, TensorRTConfig, build_engine, calibration_sample_shapes,
+                                       with_batch_limit)
         from ...config import parse_model
 
         exported, details = self.export(ctx, outdir)
-        engine_cfg = parse_model(TensorRTConfig, self.config.engine, f"config of target {self.name!r}: engine")
+        engine_cfg = with_batch_limit(parse_model(TensorRTConfig, self.config.engine,
+                                                  f"config of target {self.name!r}: engine"), ctx)
         cache = ctx.cache_dir / TIMING_CACHE_NAME if (ctx.cache_dir is not None and engine_cfg.timing_cache) else None
         plan = outdir / "model.plan"
         with ctx.progress.task(f"build TensorRT engine ({self.name})"):
