@@ -50,6 +50,12 @@ def tensorrt_unavailable_reason() -> str | None:
     return cuda_unavailable_reason()
 
 
+def tensorrt_unavailable_message() -> str | None:
+    """tensorrt_unavailable_reason() with how to install it, as optimize targets report it."""
+    reason = tensorrt_unavailable_reason()
+    return f"{reason}; {TENSORRT_INSTALL_HINT}" if reason else None
+
+
 def ort_provider_unavailable_reason(provider: str) -> str | None:
     """Why an ONNX Runtime execution provider (e.g. CUDAExecutionProvider) cannot be used, or None."""
     import onnxruntime as ort

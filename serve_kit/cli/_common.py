@@ -33,6 +33,20 @@ def emit_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def run_with_progress(run: Any, job: Any) -> Any:
+    """Run a library job (`run(job, progress)`) with progress bars on stderr, silent under --json."""
+    with RichProgress(quiet=state.json) as progress:
+        return run(job, progress)
+
+
+def show(result: Any, render: Any) -> None:
+    """Print a command's result: JSON on stdout under --json, else its Rich rendering."""
+    if state.json:
+        emit_json(result)
+    else:
+        render(result)
+
+
 class RichProgress(ProgressSink):
     """Progress bars on stderr for anything that takes a while; silent under `--json`."""
 

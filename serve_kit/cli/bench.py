@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import GateFailed, UsageError
 from . import app
-from ._common import RichProgress, emit_json, err, human_size, out, state
+from ._common import emit_json, err, human_size, out, run_with_progress, state
 
 _ONLINE = "Online (--url)"
 _OFFLINE = "Offline (REPO)"
@@ -230,8 +230,7 @@ def _online(url, model, version, concurrency, rate, arrival, encoding, batch_siz
                         stability_pct=stability, timeout_s=timeout, max_connections=max_connections)
     except ValidationError as e:
         raise UsageError(f"invalid bench settings: {_first_error(e)}", origin="serve-kit bench") from None
-    with RichProgress(quiet=state.json) as progress:
-        return run_online(job, progress)
+    return run_with_progress(run_online, job)
 
 
 def _offline(repository, model, version, batch_sizes, synthetic, warmup, windows, stability, no_flops,
@@ -246,8 +245,7 @@ def _offline(repository, model, version, batch_sizes, synthetic, warmup, windows
                      warmup_s=0.5 if warmup is None else warmup, window_s=windows["window"] or 0.5,
                      min_windows=windows["min_windows"], max_windows=windows["max_windows"],
                      stability_pct=stability, synthetic=synthetic, flops=not no_flops, eager=not no_eager)
-    with RichProgress(quiet=state.json) as progress:
-        return run_offline(job, progress)
+    return run_with_progress(run_offline, job)
 
 
 def _tune(repository, model, url, rate, p99_budget_ms, data, synthetic, write_config, warmup, windows, stability,
@@ -271,8 +269,7 @@ def _tune(repository, model, url, rate, p99_budget_ms, data, synthetic, write_co
                   windows=windows["min_windows"], stability_pct=stability, timeout_s=timeout,
                   batch_sizes=_ints(batch_sizes, "--batch-sizes") or None,
                   concurrency=_ints(concurrency, "--concurrency") or None)
-    with RichProgress(quiet=state.json) as progress:
-        return run_tune(job, progress)
+    return run_with_progress(run_tune, job)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, Reposito
                       TensorSpec)
 from ..errors import ConversionError, GateFailed, UsageError
 from . import app
-from ._common import RichProgress, emit_json, err, human_size, out, state
+from ._common import err, human_size, out, run_with_progress, show
 
 
 def _parse_gate(items: list[str]) -> dict[str, dict[str, float]]:
@@ -80,12 +80,8 @@ def optimize(
 
     job = _build_job(model, recipe, repository, model_name, weights, inputs, outputs, targets, calibration_data,
                      eval_data, label_key, metric, allow_synthetic, gate, select, keep_going, batch_sizes, report)
-    with RichProgress(quiet=state.json) as progress:
-        result = run(job, progress)
-    if state.json:
-        emit_json(result)
-    else:
-        render(result)
+    result = run_with_progress(run, job)
+    show(result, render)
     if result.get("selection_error"):
         raise UsageError(result["selection_error"], origin="--select")
     if result["gate_failed"] and not (job.keep_going and result["written"]):

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import UsageError
 from . import app
-from ._common import RichProgress, emit_json, human_size, out, state
+from ._common import emit_json, human_size, out, run_with_progress, show, state
 
 
 @app.command()
@@ -77,12 +77,8 @@ def package(
                      plain_http=plain_http, smoke_test=smoke_test, serve_kit_wheel=serve_kit_wheel, epoch=epoch,
                      revision=revision, triton=triton, k8s_dir=k8s_dir, k8s=k8s, register_as=register,
                      tracking_uri=tracking_uri)
-    with RichProgress(quiet=state.json) as progress:
-        result = run(job, progress)
-    if state.json:
-        emit_json(result)
-    else:
-        render(result)
+    result = run_with_progress(run, job)
+    show(result, render)
 
 
 def render(result: dict) -> None:

@@ -298,14 +298,11 @@ class _TensorRTTarget(Target):
     """The target that writes the Q/DQ ONNX this one starts from (None = the FP32 export)."""
 
     def unavailable_reason(self, source) -> str | None:
-        from ...gpu import TENSORRT_INSTALL_HINT, gpu_info, tensorrt_unavailable_reason
+        from ...gpu import gpu_info, tensorrt_unavailable_message
 
-        base = super().unavailable_reason(source)
-        if base:
-            return base
-        reason = tensorrt_unavailable_reason()
+        reason = super().unavailable_reason(source) or tensorrt_unavailable_message()
         if reason:
-            return f"{reason}; {TENSORRT_INSTALL_HINT}"
+            return reason
         if self.precision == "fp8":
             reason = fp8_unavailable_reason(gpu_info(0))
             if reason:

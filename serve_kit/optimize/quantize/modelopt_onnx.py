@@ -50,6 +50,10 @@ def modelopt_unavailable_reason(onnx_path: bool = True) -> str | None:
     return None
 
 
+MATMUL_GRAPH = "fp32-matmul.onnx"
+"""Beside the quantized model: the float graph Model Optimizer started from (Gemm as MatMul)."""
+
+
 class _ModeloptOnnxConfig(TargetConfig):
     calibration_samples: int = Field(default=256, ge=1)
     """How many calibration samples Model Optimizer runs through the model."""
@@ -102,7 +106,6 @@ class ModeloptInt4Config(_ModeloptOnnxConfig):
 class _ModeloptOnnxTarget(Target):
     backend = "onnxruntime"
     mode: str
-    source_kinds = ("torch", "torchscript", "onnx")
 
     def unavailable_reason(self, source) -> str | None:
         return super().unavailable_reason(source) or modelopt_unavailable_reason()
@@ -122,7 +125,7 @@ class _ModeloptOnnxTarget(Target):
         probe = evaluation.subset(np.arange(min(len(evaluation), 48)))
         src = ctx.onnx_fp32()
         if cfg.gemm_to_matmul:
-            src = artifact.path.parent / "fp32-matmul.onnx"
+            src = artifact.path.parent / MATMUL_GRAPH
         with ctx.progress.task(f"diagnose {self.name}: per-node sensitivity"):
             plan = sensitivity_plan(src, artifact.path, probe, cfg.diagnose_target_cosine, artifact.path.parent)
         if not plan["exclude"]:
@@ -140,8 +143,8 @@ class _ModeloptOnnxTarget(Target):
         src = ctx.onnx_fp32()
         rewritten = 0
         if cfg.gemm_to_matmul:
-            rewritten = gemm_to_matmul(src, outdir / "fp32-matmul.onnx")
-            src = outdir / "fp32-matmul.onnx"
+            rewritten = gemm_to_matmul(src, outdir / MATMUL_GRAPH)
+            src = outdir / MATMUL_GRAPH
         n = min(len(ctx.calibration), cfg.calibration_samples)
         calib = {k: np.ascontiguousarray(v[:n]) for k, v in ctx.calibration.inputs.items()}
         path = outdir / "model.onnx"

@@ -199,16 +199,14 @@ class ModeloptTorchInt4AWQ(_ModeloptTorchTarget):
     Config = ModeloptTorchInt4Config
 
     def unavailable_reason(self, source) -> str | None:
-        from ...gpu import TENSORRT_INSTALL_HINT, tensorrt_unavailable_reason
+        from ...gpu import tensorrt_unavailable_message
 
         reason = super().unavailable_reason(source)
         if reason:
             return reason
-        trt = tensorrt_unavailable_reason()
-        if trt:
-            return (f"its ONNX export uses TensorRT's block-wise trt::DequantizeLinear, which only a "
-                    f"TensorRT engine runs: {trt}; {TENSORRT_INSTALL_HINT}")
-        return None
+        trt = tensorrt_unavailable_message()
+        return (f"its ONNX export uses TensorRT's block-wise trt::DequantizeLinear, which only a TensorRT "
+                f"engine runs: {trt}") if trt else None
 
     def _build_impl(self, ctx: BuildContext, outdir: Path) -> Artifact:
         from ..export.tensorrt import (TIMING_CACHE_NAME, TensorRTConfig, build_engine, calibration_sample_shapes,
