@@ -242,3 +242,14 @@ def test_unknown_target():
 
     with pytest.raises(UsageError, match="unknown optimize target"):
         target_class("onnx-int3")
+
+
+def test_every_target_config_is_checked_before_any_work(tmp_path):
+    from serve_kit.errors import ConfigError
+
+    # The source does not even import: the bad config of the last target is reported first.
+    job = OptimizeJob(source=SourceSpec(factory="no_such_module:build"), repository=tmp_path / "repo",
+                      targets=[TargetSpec(name="onnx"), TargetSpec(name="onnx-int4", config={"block_size": 8})])
+    with pytest.raises(ConfigError, match="block_size"):
+        run(job)
+    assert not (tmp_path / "repo").exists()

@@ -31,7 +31,7 @@ from ..repository import SAMPLES, Repository, atomic_write_text, load_model_conf
 from ..runtime.backends import load_backend
 from . import calibration as cal
 from .source import Source, load_source
-from .target import Artifact, BuildContext, target_class
+from .target import Artifact, BuildContext, Target, target_class
 from .validate import Metric, run_batched, validate
 
 DEFAULT_TARGETS = ["torchscript", "onnx", "onnx-int8-static", "onnx-int8-dynamic", "onnx-int4"]
@@ -175,6 +175,10 @@ def _geomean(xs: list[float]) -> float:
 def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the report (also written as JSON). See the module docstring."""
     progress = progress or ProgressSink()
+    # Every target's config is checked before any work: a typo in the last target must not cost
+    # the minutes the others take.
+    target_specs = job.targets or [TargetSpec(name=n) for n in DEFAULT_TARGETS]
+    targets = [target_class(spec.name)(spec.config) for spec in target_specs]
     started = time.time()
     with progress.task("load source model"):
         source = load_source(job.source)
@@ -232,15 +236,15 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
         "tools": tool_versions(), "variants": [],
     }
 
-    target_specs = job.targets or [TargetSpec(name=n) for n in DEFAULT_TARGETS]
     workdir = Path(tempfile.mkdtemp(prefix="serve-kit-optimize-"))
     try:
         ctx = BuildContext(source, inputs, outputs, split.calibration, workdir, progress,
                            cache_dir=job.repository / model_name / BUILD_CACHE,
                            max_batch_size=_served_max_batch(job, model_name))
         built: dict[str, Artifact] = {}
-        for spec in target_specs:
-            record, artifact = _run_target(job, spec, ctx, split.evaluation, ref_out, metric, ref_metric, progress)
+        for spec, target in zip(target_specs, targets):
+            record, artifact = _run_target(job, spec, target, ctx, split.evaluation, ref_out, metric, ref_metric,
+                                           progress)
             report["variants"].append(record)
             if artifact is not None:
                 built[spec.name] = artifact
@@ -310,11 +314,10 @@ def _backend_for(artifact: Artifact, inputs: list[TensorSpec], outputs: list[Ten
                         options={"input_names": [s.name for s in inputs], **artifact.backend_options})
 
 
-def _run_target(job: OptimizeJob, spec: TargetSpec, ctx: BuildContext, evaluation: cal.Dataset,
+def _run_target(job: OptimizeJob, spec: TargetSpec, target: Target, ctx: BuildContext, evaluation: cal.Dataset,
                 ref_out: dict[str, np.ndarray], metric: Metric | None, ref_metric: float | None,
                 progress: ProgressSink) -> tuple[dict[str, Any], Artifact | None]:
-    cls = target_class(spec.name)
-    target = cls(spec.config)
+    cls = type(target)
     record: dict[str, Any] = {"name": spec.name, "precision": cls.precision, "backend": cls.backend,
                               "config": target.config.model_dump()}
     reason = target.unavailable_reason(ctx.source)
