@@ -194,10 +194,17 @@ def render(result: dict) -> None:
         if v.get("attempts", 1) > 1:
             label += f" after {v['attempts']} tries"
         if status == "unavailable":
-            label += f": {v['reason']}"
+            # The cause in the table; the whole reason (with how to get it) once, below it.
+            label += f": {v['reason'].split('; ')[0]}"
         row.append(f"[{style}]{escape(label)}[/]")
         table.add_row(*row)
     out.print(table)
+    reasons: dict[str, list[str]] = {}
+    for v in result["variants"]:
+        if v["status"] == "unavailable" and "; " in v["reason"]:
+            reasons.setdefault(v["reason"], []).append(v["name"])
+    for reason, names in reasons.items():
+        out.print(f"[dim]{', '.join(names)} unavailable: {escape(reason)}[/]")
     for v in result["variants"]:
         kept = (v.get("details") or {}).get("nodes_kept_in_float")
         if kept:
