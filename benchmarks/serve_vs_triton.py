@@ -27,7 +27,12 @@ Sections:
             HTTP and gRPC, at each --concurrency.
   batching  serve-kit with dynamic batching (the model's config.yaml) vs `dynamic_batching: null`
             (a second repository, same files), at concurrency 16, alternating. Target: >= 3x.
-            Also shown: batching with max_queue_delay_microseconds 0 (a third repository).
+            Also shown: batching with max_queue_delay_microseconds 0 (a third repository), and
+            what batching can give at most for this model on this machine: its in-process
+            execution time per row at batch 1 and at the mean batch the server formed, from which
+            a compute bound (nothing else costs anything) and a shared-cores bound (the server
+            costs nothing, perf_analyzer's measured CPU per inference shares the cores) follow.
+            --pinned adds on and off with the server on CPU 0 and perf_analyzer on CPU 1.
   latency   concurrency 1: p50 of the served model (perf_analyzer, HTTP and gRPC) vs the median
             of an in-process `backend.infer` on the same one-row input (same thread count),
             alternating, with the model's config.yaml (a lone request waits out
@@ -362,12 +367,13 @@ class Server:
 class ServeKit(Server):
     kind = "serve-kit"
 
-    def __init__(self, model: Model, workdir: Path, repo: Path | None = None):
+    def __init__(self, model: Model, workdir: Path, repo: Path | None = None, cpus: str | None = None):
         super().__init__(model, workdir)
-        self.repo = repo or model.repo
+        self.repo, self.cpus = repo or model.repo, cpus
 
     def command(self):
-        return ([str(ROOT / ".venv/bin/serve-kit"), "serve", str(self.repo), "--http-port", str(self.http_port),
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        return ([*pin, str(ROOT / ".venv/bin/serve-kit"), "serve", str(self.repo), "--http-port", str(self.http_port),
                  "--grpc-port", str(self.grpc_port)], dict(os.environ))
 
 
@@ -413,13 +419,14 @@ class Load:
         cuda = ROOT / ".venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib"
         self.env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(cuda), self.env.get("LD_LIBRARY_PATH")) if p)
 
-    def run(self, server: Server, protocol: str, concurrency: int, window_ms: int | None = None) -> dict:
+    def run(self, server: Server, protocol: str, concurrency: int, window_ms: int | None = None,
+            cpus: str | None = None) -> dict:
         window_ms = window_ms or self.window_ms
         port = server.http_port if protocol == "http" else server.grpc_port
         csv_path = self.workdir / "pa.csv"
         csv_path.unlink(missing_ok=True)
         data = server.model.write_input_data(self.workdir / f"input-{server.model.name}.json")
-        cmd = [self.exe, "-m", server.model.name, "-u", f"127.0.0.1:{port}", "-i", protocol,
+        cmd = [*(["taskset", "-c", cpus] if cpus else []), self.exe, "-m", server.model.name, "-u", f"127.0.0.1:{port}", "-i", protocol,
                "--concurrency-range", str(concurrency), "--input-data", str(data),
                "--measurement-mode", "time_windows", "-p", str(window_ms),
                # exactly 3 windows: the stability check always passes at the third
@@ -505,25 +512,61 @@ def compare(models, load, workdir, args) -> list[dict]:
 BATCHING_MODES = ("on", "off", "on-delay0")
 """on: the model's config.yaml; off: `dynamic_batching: null`; on-delay0: the same batching with
 max_queue_delay_microseconds 0 (a batch is whatever queued while the instance was busy)."""
+PINNED_MODES = ("on-pinned", "off-pinned")
+"""With --pinned: on and off again, the server on CPU 0 and perf_analyzer on CPU 1, so that neither
+takes the other's core and the server's event loop and its model thread share one core."""
+_MODE_REPO = {"on": "repo", "off": "repo_off", "on-delay0": "repo_delay0", "on-pinned": "repo",
+              "off-pinned": "repo_off"}
 
 
 def batching(models, load, workdir, args) -> list[dict]:
     rows = []
+    all_modes = BATCHING_MODES + (PINNED_MODES if args.pinned else ())
     for model in models.values():
-        repos = {"on": model.repo, "off": model.repo_off, "on-delay0": model.repo_delay0}
         for r in range(args.rounds):
-            modes = BATCHING_MODES[r % 3:] + BATCHING_MODES[:r % 3]
+            modes = all_modes[r % len(all_modes):] + all_modes[:r % len(all_modes)]
             modes = modes if r % 2 == 0 else modes[::-1]
             for mode in modes:
-                with ServeKit(model, workdir, repos[mode]) as server:
+                pinned = mode.endswith("-pinned")
+                with ServeKit(model, workdir, getattr(model, _MODE_REPO[mode]), cpus="0" if pinned else None) as server:
                     load.warm_up(server)
                     for protocol in args.protocols:
-                        m = load.run(server, protocol, 16)
+                        m = load.run(server, protocol, 16, cpus="1" if pinned else None)
                         rows.append({"model": model.name, "mode": mode, "round": r, "protocol": protocol,
                                      "concurrency": 16, **m})
-                        say(f"  {model.name:6} round {r} batching {mode:9} {protocol:4} "
+                        say(f"  {model.name:6} round {r} batching {mode:10} {protocol:4} "
                             f"{m['throughput']:8.0f} inf/s  p50 {m['p50_ms']:6.2f} ms  p99 {m['p99_ms']:6.2f} ms"
                             f"  batch {m.get('mean_batch', 0):4.1f}  server {m['server_cores']:.2f} cores")
+        rows.extend(execution_costs(model, args, [x for x in rows if x["model"] == model.name and x["mode"] == "on"]))
+    return rows
+
+
+def execution_costs(model, args, on_rows: list[dict]) -> list[dict]:
+    """What batching can save at most: the model's own in-process execution time per row at batch 1
+    and at the mean batch the server formed with batching on (same backend, same thread count).
+
+    Two bounds on the on/off ratio follow from it (see summarize):
+      compute bound: batch-1 time per row / batched time per row; a server and client that cost
+        nothing per request could not get more out of batching than that.
+      shared-cores bound: (client CPU per inference off + batch-1 time) / (client CPU per inference
+        on + batched time per row). With the load generator on the same cores and both modes
+        CPU-bound, a server that costs nothing could not exceed it either.
+    """
+    from serve_kit.runtime.backends import load_backend
+
+    batches = sorted({max(1, round(x["mean_batch"])) for x in on_rows if x.get("mean_batch")} | {1})
+    backend = load_backend("onnxruntime", model.model_path, [t.name for t in model.config.outputs],
+                           {"intra_op_threads": args.threads})
+    rows = []
+    for b in batches:
+        x = {k: np.repeat(v, b, axis=0) for k, v in model.sample.items()}
+        in_process_p50(backend, x, 0.3)
+        per_run_ms = in_process_p50(backend, x, 1.0)
+        rows.append({"model": model.name, "mode": "in-process", "batch": b, "run_us": per_run_ms * 1e3,
+                     "per_row_us": per_run_ms * 1e3 / b})
+        say(f"  {model.name:6} in-process batch {b:3d}: {per_run_ms * 1e3:7.1f} us per run, "
+            f"{per_run_ms * 1e3 / b:6.1f} us per row")
+    del backend
     return rows
 
 
@@ -610,9 +653,10 @@ def summarize(results: dict, args) -> dict:
     rows = results.get("batching", [])
     bat = []
     for model in args.models:
+        costs = {x["batch"]: x["per_row_us"] for x in rows if x["model"] == model and x["mode"] == "in-process"}
         for protocol in args.protocols:
-            sel = {mode: sorted((x for x in rows if (x["model"], x["protocol"], x["mode"]) == (model, protocol, mode)),
-                                key=lambda x: x["round"]) for mode in BATCHING_MODES}
+            sel = {mode: sorted((x for x in rows if (x["model"], x.get("protocol"), x["mode"]) == (model, protocol, mode)),
+                                key=lambda x: x["round"]) for mode in BATCHING_MODES + PINNED_MODES}
             if not (sel["on"] and sel["off"]):
                 continue
             cell = {"model": model, "protocol": protocol}
@@ -620,13 +664,22 @@ def summarize(results: dict, args) -> dict:
                 if xs:
                     cell[mode] = {k: med([x[k] for x in xs if k in x])
                                   for k in ("throughput", "p50_ms", "p99_ms", "mean_batch", "server_cores",
-                                            "server_cpu_us_per_inf")}
-            for mode in ("on", "on-delay0"):
-                if sel[mode]:
-                    ratios = [a["throughput"] / b["throughput"] for a, b in zip(sel[mode], sel["off"])]
+                                            "server_cpu_us_per_inf", "client_cpu_us_per_inf",
+                                            "server_compute_infer_us")}
+            for mode, off in (("on", "off"), ("on-delay0", "off"), ("on-pinned", "off-pinned")):
+                if sel[mode] and sel[off]:
+                    ratios = [a["throughput"] / b["throughput"] for a, b in zip(sel[mode], sel[off])]
                     cell[f"{mode}_ratio"] = med(ratios)
                     cell[f"{mode}_ratios"] = ratios
             cell["target_met"] = cell["on_ratio"] >= 3.0
+            batch = max(1, round(cell["on"]["mean_batch"])) if cell["on"].get("mean_batch") else None
+            if 1 in costs and batch in costs:
+                e1, eb = costs[1], costs[batch]
+                cell["bounds"] = {"batch": batch, "batch1_us_per_row": e1, "batched_us_per_row": eb,
+                                  "compute_bound": e1 / eb}
+                c_on, c_off = cell["on"].get("client_cpu_us_per_inf"), cell["off"].get("client_cpu_us_per_inf")
+                if c_on and c_off:
+                    cell["bounds"]["shared_cores_bound"] = (c_off + e1) / (c_on + eb)
             bat.append(cell)
     summary["batching"] = bat
     rows = results.get("latency", [])
@@ -673,6 +726,25 @@ def print_tables(summary: dict) -> None:
                 line += (f" | {d0['throughput']:12,.0f} {d0['p99_ms']:6.2f} {d0['mean_batch']:5.1f} "
                          f"{b['on-delay0_ratio']:5.2f}x")
             say(line)
+        say("\nwhat batching could give at most (in-process execution per row, batch 1 vs the mean batch with\n"
+            "batching on; compute bound: server and client free; shared-cores bound: a server that costs\n"
+            "nothing, perf_analyzer's measured CPU per inference on the same cores); pinned: server on CPU 0,\n"
+            "perf_analyzer on CPU 1")
+        say(f"{'model':7} {'proto':5} | {'batch':>5} {'us/row @1':>9} {'us/row':>7} {'compute':>8} {'shared':>7} | "
+            f"{'client us/inf on/off':>20} | {'pinned on / off inf/s':>22} {'ratio':>6}")
+        for b in summary["batching"]:
+            bd = b.get("bounds")
+            if not bd:
+                continue
+            on, off = b["on"], b["off"]
+            line = (f"{b['model']:7} {b['protocol']:5} | {bd['batch']:5d} {bd['batch1_us_per_row']:9.1f} "
+                    f"{bd['batched_us_per_row']:7.1f} {bd['compute_bound']:7.2f}x "
+                    f"{bd.get('shared_cores_bound', float('nan')):6.2f}x | "
+                    f"{on.get('client_cpu_us_per_inf', 0):9.0f} / {off.get('client_cpu_us_per_inf', 0):<8.0f} |")
+            if "on-pinned_ratio" in b:
+                line += (f" {b['on-pinned']['throughput']:10,.0f} / {b['off-pinned']['throughput']:<9,.0f} "
+                         f"{b['on-pinned_ratio']:5.2f}x")
+            say(line)
     if summary.get("latency"):
         say("\nconcurrency 1: served p50 vs in-process backend.infer median (target: within 0.5 ms)")
         for l in summary["latency"]:
@@ -707,6 +779,8 @@ def main() -> int:
     p.add_argument("--bench-python", default=str(ROOT / ".bench-venv/bin/python"), help="Python with pytriton")
     p.add_argument("--perf-analyzer", default=str(ROOT / ".venv/bin/perf_analyzer"))
     p.add_argument("--out", type=Path, default=None, help="JSON results (default WORKDIR/serve_vs_triton.json)")
+    p.add_argument("--pinned", action="store_true",
+                   help="batching: also run on and off with the server on CPU 0 and perf_analyzer on CPU 1")
     args = p.parse_args()
 
     from serve_kit.runtime.models import available_cores, default_intra_op_threads
