@@ -60,6 +60,7 @@ import argparse
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -426,7 +427,8 @@ class Load:
         csv_path = self.workdir / "pa.csv"
         csv_path.unlink(missing_ok=True)
         data = server.model.write_input_data(self.workdir / f"input-{server.model.name}.json")
-        cmd = [*(["taskset", "-c", cpus] if cpus else []), self.exe, "-m", server.model.name, "-u", f"127.0.0.1:{port}", "-i", protocol,
+        pin = ["taskset", "-c", cpus] if cpus else []
+        cmd = [*pin, self.exe, "-m", server.model.name, "-u", f"127.0.0.1:{port}", "-i", protocol,
                "--concurrency-range", str(concurrency), "--input-data", str(data),
                "--measurement-mode", "time_windows", "-p", str(window_ms),
                # exactly 3 windows: the stability check always passes at the third
@@ -528,7 +530,8 @@ def batching(models, load, workdir, args) -> list[dict]:
             modes = modes if r % 2 == 0 else modes[::-1]
             for mode in modes:
                 pinned = mode.endswith("-pinned")
-                with ServeKit(model, workdir, getattr(model, _MODE_REPO[mode]), cpus="0" if pinned else None) as server:
+                repo = getattr(model, _MODE_REPO[mode])
+                with ServeKit(model, workdir, repo, cpus="0" if pinned else None) as server:
                     load.warm_up(server)
                     for protocol in args.protocols:
                         m = load.run(server, protocol, 16, cpus="1" if pinned else None)
@@ -655,7 +658,8 @@ def summarize(results: dict, args) -> dict:
     for model in args.models:
         costs = {x["batch"]: x["per_row_us"] for x in rows if x["model"] == model and x["mode"] == "in-process"}
         for protocol in args.protocols:
-            sel = {mode: sorted((x for x in rows if (x["model"], x.get("protocol"), x["mode"]) == (model, protocol, mode)),
+            sel = {mode: sorted((x for x in rows
+                                 if (x["model"], x.get("protocol"), x["mode"]) == (model, protocol, mode)),
                                 key=lambda x: x["round"]) for mode in BATCHING_MODES + PINNED_MODES}
             if not (sel["on"] and sel["off"]):
                 continue
@@ -672,7 +676,8 @@ def summarize(results: dict, args) -> dict:
                     cell[f"{mode}_ratio"] = med(ratios)
                     cell[f"{mode}_ratios"] = ratios
             cell["target_met"] = cell["on_ratio"] >= 3.0
-            batch = max(1, round(cell["on"]["mean_batch"])) if cell["on"].get("mean_batch") else None
+            mean_batch = cell["on"].get("mean_batch", float("nan"))  # nan: perf_analyzer gave no server statistics
+            batch = max(1, round(mean_batch)) if math.isfinite(mean_batch) else None
             if 1 in costs and batch in costs:
                 e1, eb = costs[1], costs[batch]
                 cell["bounds"] = {"batch": batch, "batch1_us_per_row": e1, "batched_us_per_row": eb,

@@ -51,3 +51,13 @@ def test_no_bounds_without_in_process_costs(svt):
     args = argparse.Namespace(models=["mlp"], protocols=["http"], concurrency=[16])
     cell, = svt.summarize({"batching": rows}, args)["batching"]
     assert cell["target_met"] is True and "bounds" not in cell
+
+
+def test_no_bounds_without_server_statistics(svt):
+    """perf_analyzer printed no server statistics: no mean batch, so no bounds (and no crash)."""
+    on, off = _run("on", 0, 12000, 8.0, 50), _run("off", 0, 4000, 1.0, 80)
+    del on["mean_batch"], off["mean_batch"]
+    rows = [on, off, {"model": "mlp", "mode": "in-process", "batch": 1, "run_us": 28.0, "per_row_us": 28.0}]
+    args = argparse.Namespace(models=["mlp"], protocols=["http"], concurrency=[16])
+    cell, = svt.summarize({"batching": rows}, args)["batching"]
+    assert cell["on_ratio"] == 3.0 and "bounds" not in cell
