@@ -297,6 +297,11 @@ class DynamicBatcher:
     # Event-loop side
 
     @property
+    def batching(self) -> bool:
+        """Whether requests are batched together (False: each runs alone)."""
+        return self._batching
+
+    @property
     def accepting(self) -> bool:
         return not self._closing
 

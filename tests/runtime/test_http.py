@@ -37,6 +37,7 @@ from serve_kit.runtime.http import EXTENSIONS  # noqa: E402
 TOKEN = "http-test-token"
 T = 20.0  # seconds: every client call is bounded, so a hung server fails a test instead of the run
 MAX_BODY = 256 * 1024
+WIDE = 4096  # the `unbatched` model's row: 16 KB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,6 +53,8 @@ def repo(digits_repo, tmp_path_factory) -> Path:
                               {"name": "s", "datatype": "FP32", "shape": [-1, 1]}])
     write_version(root, seq_cfg, seq_onnx())
     write_version(root, config("spare", 4, 4, max_batch_size=4), identity_onnx(4))
+    # Unbatched: its answers are sent with the GIL released, around the transport (_Connection._write).
+    write_version(root, config("unbatched", WIDE, WIDE, dynamic_batching=None), identity_onnx(WIDE))
     return root
 
 
@@ -231,7 +234,7 @@ def test_statistics(client, samples):
     assert after["batch_stats"] and all(b["compute_infer"]["count"] > 0 for b in after["batch_stats"])
     # No model named: every model's statistics (GET /v2/models/stats, tritonclient's default).
     everything = client.get_inference_statistics()["model_stats"]
-    assert {m["name"] for m in everything} == {"digits", "seq", "spare"}
+    assert {m["name"] for m in everything} == {"digits", "seq", "spare", "unbatched"}
     with pytest.raises(InferenceServerException) as e:
         client.get_inference_statistics("nope")
     assert status_of(e) == "404"
@@ -244,7 +247,7 @@ def test_repository_index(client, server):
     index = client.get_model_repository_index()
     states = {(m["name"], m.get("version")): m["state"] for m in index}
     assert states[("digits", "1")] == states[("seq", "1")] == "READY"
-    assert {name for name, _ in states} == {"digits", "seq", "spare"}
+    assert {name for name, _ in states} == {"digits", "seq", "spare", "unbatched"}
     # Triton's ready filter, in the request body.
     r = request(server.port, "POST", "/v2/repository/index", b'{"ready": true}')
     assert r.status == 200 and all(m["state"] == "READY" for m in r.json())
@@ -547,6 +550,84 @@ def test_keep_alive_reuses_one_connection(server, samples):
         assert r.status == 200 and r.headers["connection"] == "close" and raw.closed_by_peer()
 
 
+def test_unbatched_answers_larger_than_the_socket_buffers_arrive_whole_and_in_order(server):
+    # `unbatched` runs each request alone, so its answers are written with os.write when nothing is
+    # queued on the transport. Pipelined answers of 192 KB each to a client that does not read at
+    # first fill the socket buffers: the rest of an answer, and the answers after it, go through
+    # the transport. Every byte must still arrive, in order.
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((12, WIDE), dtype=np.float32) for _ in range(6)]
+    reqs = []
+    for x in xs:
+        body, headers = protocol.encode_infer_request({"x": x}, binary=True, binary_output=True)
+        reqs.append(request_bytes("POST", "/v2/models/unbatched/infer", body, headers))
+    with RawConnection(server.port) as c:
+        sender = threading.Thread(target=lambda: c.send(b"".join(reqs)), daemon=True)
+        sender.start()
+        time.sleep(0.5)  # the answers pile up in the socket buffers and the transport
+        for x in xs:
+            r = c.read_response()
+            assert r.status == 200, r.body[:200]
+            got = protocol.decode_infer_response(r.body, int(r.headers["inference-header-content-length"]))
+            np.testing.assert_array_equal(got.outputs["y"], x)
+        sender.join(T)
+        assert not sender.is_alive()
+
+
+class _RecordingTransport:
+    """What _Connection._write hands to the transport, and how much the transport holds."""
+
+    def __init__(self, buffered: int = 0):
+        self.buffered, self.written = buffered, []
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered + sum(len(d) for d in self.written)
+
+    def write(self, data) -> None:
+        self.written.append(bytes(data))
+
+
+def _drain(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_write_sends_what_fits_and_leaves_the_rest_and_errors_to_the_transport():
+    from serve_kit.runtime.http import _Connection
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        conn = _Connection.__new__(_Connection)
+        conn._fd = a.fileno()
+        data = np.random.default_rng(1).bytes(4 << 20)  # more than a socket pair buffers
+        t = _RecordingTransport()
+        conn._write(t, data)
+        assert len(t.written) == 1 and 0 < len(t.written[0]) < len(data)  # a partial send
+        assert _drain(b) + t.written[0] == data
+        # Something queued on the transport: everything goes behind it, nothing around it.
+        t = _RecordingTransport(buffered=10)
+        conn._write(t, b"after")
+        assert t.written == [b"after"] and _drain(b) == b""
+        # All of it fits: nothing for the transport.
+        t = _RecordingTransport()
+        conn._write(t, b"small answer")
+        assert t.written == [] and _drain(b) == b"small answer"
+        # The peer is gone: the transport gets the data, meets the error and closes its way.
+        b.close()
+        t = _RecordingTransport()
+        conn._write(t, b"to nobody")
+        assert t.written == [b"to nobody"]
+
+
 def test_unknown_endpoints_and_wrong_methods(server):
     for method, path in [("GET", "/"), ("GET", "/v1/models/digits"), ("GET", "/v2/models/digits/infer/extra"),
                          ("GET", "/v2/repository/models/digits"), ("GET", "/v2/nonsense")]:
@@ -729,7 +810,8 @@ def test_serve_command(repo, samples, tmp_path):
         port = port_of(info)
         assert info["grpc_port"] is None and info["http"] == f"http://127.0.0.1:{port}"
         assert [(m["name"], m.get("version"), m["state"]) for m in info["models"]] == \
-            [("digits", "1", "READY"), ("seq", None, "UNAVAILABLE"), ("spare", None, "UNAVAILABLE")]
+            [("digits", "1", "READY"), ("seq", None, "UNAVAILABLE"), ("spare", None, "UNAVAILABLE"),
+             ("unbatched", None, "UNAVAILABLE")]
         assert {m["name"]: m.get("reason") for m in info["models"]}["seq"] == "not loaded"
         c = httpclient.InferenceServerClient(f"127.0.0.1:{port}", connection_timeout=T, network_timeout=T)
         np.testing.assert_allclose(c.infer("digits", [digits_input(x, True)]).as_numpy("logits"), ref,
