@@ -519,9 +519,10 @@ class _HeaderPlan:
     """What a request's JSON header says, checked against the config: everything but the data.
 
     Clients send the same header again and again (perf_analyzer, tritonclient and most services
-    put no id in it and binary tensors of one shape), so a plan for a header without `data` and
-    without `id` is kept per model config (`plans` of decode_infer_request) and the next identical
-    header skips parsing and checking; only the sizes of the binary data are checked again."""
+    put no id, or an empty one, in it and binary tensors of one shape), so a plan for a header
+    without `data` and without a non-empty `id` is kept per model config (`plans` of
+    decode_infer_request) and the next identical header skips parsing and checking; only the
+    sizes of the binary data are checked again."""
 
     __slots__ = ("headers", "entries", "request_id", "params", "priority", "timeout", "binary_output",
                  "outputs", "reusable")
@@ -593,8 +594,11 @@ class _HeaderPlan:
         self.headers, self.entries, self.request_id, self.params = headers, entries, request_id, params
         self.priority, self.timeout, self.binary_output = priority, timeout, binary_output
         # Requests share a reused plan: only plain values and immutable parts go in it (outputs'
-        # and the request's parameters are copied per request).
-        self.reusable = all_binary and request_id is None
+        # and the request's parameters are copied per request). An id is part of the header's
+        # bytes, so a plan with one is as right as one without; but a non-empty id is usually new
+        # on every request, and keeping its plan would only churn the set. An empty one repeats:
+        # perf_analyzer sends `"id":""` with every request.
+        self.reusable = all_binary and not request_id
 
     def request(self, view: memoryview, json_end: int, config: ModelConfig, model: str,
                 version: int | None) -> InferRequest:

@@ -693,7 +693,7 @@ def test_bad_binary_requests(make, fragment, cached):
     assert fragment in info.value.message, info.value.message
 
 
-def test_header_plans_are_reused_only_for_binary_headers_without_id():
+def test_header_plans_are_reused_only_for_binary_headers_without_a_nonempty_id():
     plans: dict = {}
     first = decode(*bin_body(f=struct.pack("<2f", 1, 2)), BIN_CONFIG, plans=plans)
     second = decode(*bin_body(f=struct.pack("<2f", 3, 4)), BIN_CONFIG, plans=plans)
@@ -710,7 +710,13 @@ def test_header_plans_are_reused_only_for_binary_headers_without_id():
     b = decode(body, n, cfg, plans=plans)
     assert b.parameters == {"tag": "a"} and b.outputs[0].parameters == {"k": 1} and b.outputs[0].binary is True
 
-    # Not kept: a header with an id (it differs per request) or with JSON data in it.
+    # Kept: an empty id, which perf_analyzer sends with every request; it still comes back as given.
+    plans.clear()
+    body, n = build_body([("x", "FP32", np.ones((1, 2), np.float32))], binary={"x"}, extra={"id": ""})
+    assert decode(body, n, cfg, plans=plans).id == "" and len(plans) == 1
+    assert decode(body, n, cfg, plans=plans).id == "" and len(plans) == 1
+
+    # Not kept: a header with a non-empty id (it differs per request) or with JSON data in it.
     plans.clear()
     body, n = build_body([("x", "FP32", np.ones((1, 2), np.float32))], binary={"x"}, extra={"id": "r1"})
     assert decode(body, n, cfg, plans=plans).id == "r1" and not plans
