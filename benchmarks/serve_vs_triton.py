@@ -517,8 +517,6 @@ max_queue_delay_microseconds 0 (a batch is whatever queued while the instance wa
 PINNED_MODES = ("on-pinned", "off-pinned")
 """With --pinned: on and off again, the server on CPU 0 and perf_analyzer on CPU 1, so that neither
 takes the other's core and the server's event loop and its model thread share one core."""
-_MODE_REPO = {"on": "repo", "off": "repo_off", "on-delay0": "repo_delay0", "on-pinned": "repo",
-              "off-pinned": "repo_off"}
 
 
 def batching(models, load, workdir, args) -> list[dict]:
@@ -530,7 +528,8 @@ def batching(models, load, workdir, args) -> list[dict]:
             modes = modes if r % 2 == 0 else modes[::-1]
             for mode in modes:
                 pinned = mode.endswith("-pinned")
-                repo = getattr(model, _MODE_REPO[mode])
+                repo = {"on": model.repo, "off": model.repo_off,
+                        "on-delay0": model.repo_delay0}[mode.removesuffix("-pinned")]
                 with ServeKit(model, workdir, repo, cpus="0" if pinned else None) as server:
                     load.warm_up(server)
                     for protocol in args.protocols:
