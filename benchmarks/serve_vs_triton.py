@@ -786,6 +786,14 @@ def main() -> int:
     p.add_argument("--pinned", action="store_true",
                    help="batching: also run on and off with the server on CPU 0 and perf_analyzer on CPU 1")
     args = p.parse_args()
+    for what, given, known in (("--sections", args.sections, ("compare", "batching", "latency")),
+                               ("--protocols", args.protocols, ("http", "grpc"))):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            p.error(f"{what}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+    if args.pinned and not {0, 1} <= os.sched_getaffinity(0):
+        p.error(f"--pinned runs the server on CPU 0 and perf_analyzer on CPU 1, but this process may use "
+                f"CPUs {sorted(os.sched_getaffinity(0))} only; run without --pinned, or where both are allowed")
 
     from serve_kit.runtime.models import available_cores, default_intra_op_threads
 
