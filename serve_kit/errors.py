@@ -91,6 +91,12 @@ class TargetUnavailable(ServeKitError):
     """A target cannot run here (missing package or hardware, or the source kind does not allow it)."""
 
 
+class TargetNotApplicable(ServeKitError):
+    """A target does not apply to this model (no op it quantizes, weights that are not constants,
+    a graph it cannot handle): reported as `not applicable` with the cause; it fails the run only
+    under `--strict`."""
+
+
 class GateFailed(ServeKitError):
     """A quality gate was missed; nothing failing the gate was written."""
 

@@ -92,6 +92,10 @@ class BuildContext:
     max_batch_size: int | None = None
     """The largest batch the served model will be given (config.yaml's max_batch_size), for
     targets that fix it at build time (TensorRT's optimization profile); None = not known."""
+    memory_budget: int | None = None
+    """Bytes that a target's calibration and diagnosis may hold at once (activations, trial
+    models); None = no budget given (targets then pick a safe default from the machine's RAM).
+    A target that cannot stay within it fails with a message naming the budget."""
     _onnx_fp32: Path | None = None
     _built: dict[str, Artifact] = field(default_factory=dict)
 
