@@ -57,7 +57,7 @@ class Source:
         # TorchScript modules fail under inference_mode ("Inference tensors cannot be saved for
         # backward") when not frozen; no_grad is safe for both.
         with (torch.inference_mode() if self.kind == "torch" else torch.no_grad()):
-            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names]
+            args = [torch.from_numpy(np.asarray(inputs[n], order="C")) for n in names]
             result = self.model(*args)
         return torch_outputs_to_numpy(result, [o.name for o in self.outputs or []])
 

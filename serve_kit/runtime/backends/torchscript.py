@@ -96,7 +96,7 @@ class TorchScriptBackend(Backend):
             torch.set_num_threads(self._threads)
             self._threads_set_for = threading.get_ident()
         with torch.no_grad():  # inference_mode breaks unfrozen TorchScript modules
-            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names]
+            args = [torch.from_numpy(np.asarray(inputs[n], order="C")) for n in self.input_names]
             if self._stream is None:
                 return torch_outputs_to_numpy(self.module(*args), self.output_names)
             # Each backend instance has its own stream, so instances overlap on the GPU; the
