@@ -405,6 +405,11 @@ class Recipe(_Strict):
     """Per precision (`fp32`, `int8`, `int4`) overrides of the default gates."""
     latency: LatencySpec = Field(default_factory=LatencySpec)
     repository: RepositorySpec = Field(default_factory=RepositorySpec)
+    constants: dict[str, Any] = Field(default_factory=dict)
+    """Input name -> value baked into the model (as `--constant NAME=VALUE`): a number, bool,
+    string or list; the input leaves the served signature."""
+    state: dict[str, str] = Field(default_factory=dict)
+    """Output name -> the input it feeds at the next call (as `--state OUTPUT=INPUT`)."""
 
     @field_validator("targets", mode="before")
     @classmethod

@@ -222,16 +222,18 @@ def _axis_text(s: TensorSpec) -> str:
 
 
 def to_dataset(arrays: dict[str, Any], specs: list[TensorSpec], label_key: str, origin: str,
-               optional: frozenset[str] | set[str] = frozenset()) -> Dataset:
+               optional: frozenset[str] | set[str] = frozenset(),
+               ignore: frozenset[str] | set[str] = frozenset()) -> Dataset:
     """Check named arrays against the input signature and build a Dataset.
 
     Each input's samples are counted along its own batch axis (TensorSpec.batch_axis); an input
     without one (a scalar, a fixed tensor) must come whole, as the model takes it. Inputs named
-    in `optional` may be absent (a state input then starts from zeros). A `sequence` array that
+    in `optional` may be absent (a state input then starts from zeros); arrays named in `ignore`
+    are dropped (inputs baked in as constants). A `sequence` array that
     names no input is kept as the samples' sequence ids. Every problem names the array, where it
     came from, what the model expects and how to fix it.
     """
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    arrays = {k: np.asarray(v) for k, v in arrays.items() if k not in ignore}
     labels = arrays.pop(label_key, None)
     names = {s.name for s in specs}
     sequence = arrays.pop(SEQUENCE_KEY, None) if SEQUENCE_KEY not in names else None

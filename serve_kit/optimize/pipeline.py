@@ -79,11 +79,12 @@ def tool_versions() -> dict[str, str]:
 
 
 def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: ProgressSink,
-               optional: frozenset[str] = frozenset(), streams: bool = False
+               optional: frozenset[str] = frozenset(), streams: bool = False, ignore: frozenset[str] = frozenset()
                ) -> tuple[cal.DataSplit | None, dict | None]:
     """The data split, or raw arrays when the signature must first be inferred from them.
     `optional`: inputs the data may lack (state, starting from zeros); `streams`: samples are
-    consecutive chunks of streams (kept in order by the split)."""
+    consecutive chunks of streams (kept in order by the split); `ignore`: arrays to drop (inputs
+    made constants)."""
     d = job.data
     if d.function:
         if specs is None:
@@ -92,8 +93,8 @@ def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: Progr
     if d.calibration:
         if specs is None:
             arrays, _ = cal.load_arrays(Path(d.calibration), [], d.label_key)
-            return None, arrays
-        return _split_from_paths(d, specs, optional, streams), None
+            return None, {k: v for k, v in arrays.items() if k not in ignore}
+        return _split_from_paths(d, specs, optional, streams, ignore), None
     if d.evaluation:
         raise UsageError("--eval-data needs --calibration-data too", origin="--eval-data")
     if not job.allow_synthetic:
@@ -111,12 +112,12 @@ def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: Progr
 
 
 def _split_from_paths(d: DataSpec, specs: list[TensorSpec], optional: frozenset[str] = frozenset(),
-                      streams: bool = False) -> cal.DataSplit:
+                      streams: bool = False, ignore: frozenset[str] = frozenset()) -> cal.DataSplit:
     arrays, origin = cal.load_arrays(Path(d.calibration), specs, d.label_key)
-    calib = cal.to_dataset(arrays, specs, d.label_key, origin, optional)
+    calib = cal.to_dataset(arrays, specs, d.label_key, origin, optional, ignore)
     if d.evaluation:
         arrays, origin = cal.load_arrays(Path(d.evaluation), specs, d.label_key)
-        return cal.DataSplit(calib, cal.to_dataset(arrays, specs, d.label_key, origin, optional))
+        return cal.DataSplit(calib, cal.to_dataset(arrays, specs, d.label_key, origin, optional, ignore))
     return cal.split(calib, d.max_calibration_samples, d.max_evaluation_samples, streams=streams)
 
 

@@ -611,9 +611,14 @@ def resolve(job, source, load_data: Callable[..., tuple[Any, dict | None]]) -> t
             raise UsageError(f"--constant names {name!r}, which is no input of the ONNX model", value=name,
                              origin="--constant", hint=f"inputs: {sorted(graph_inputs)}")
         constants[name] = constant_array(name, value, spec)
-    if source.kind == "onnx" and job.inputs:
-        check_against_onnx(job.inputs, source.inputs, "input", "--input")
-    served_declared = [s for s in job.inputs or [] if s.name not in constants] or None
+    declared_list = list(job.inputs or [])
+    if source.kind == "onnx" and declared_list:
+        # Inputs not declared keep the graph's spec: `--input sr:INT64:scalar` alone is enough.
+        unknown = [s for s in declared_list if s.name not in graph_inputs]
+        check_against_onnx(declared_list, [graph_inputs[s.name] for s in declared_list] if not unknown
+                           else source.inputs, "input", "--input")
+        declared_list = [declared.get(g.name, g) for g in source.inputs]
+    served_declared = [s for s in declared_list if s.name not in constants] or None
 
     if constants and source.kind == "onnx":
         import shutil
@@ -633,7 +638,7 @@ def resolve(job, source, load_data: Callable[..., tuple[Any, dict | None]]) -> t
 
     inputs = served_declared or ([s for s in source.inputs] if source.inputs else None)
     # State inputs may be absent from the data (they start from zeros); split keeps streams whole.
-    opts = {"optional": frozenset(state.values()), "streams": bool(state)}
+    opts = {"optional": frozenset(state.values()), "streams": bool(state), "ignore": frozenset(constants)}
     split, raw = load_data(inputs, **opts)
     if inputs is None:
         inputs = infer_inputs(source.model, source.kind, source.ref, raw, constants)

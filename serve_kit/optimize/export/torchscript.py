@@ -38,8 +38,13 @@ class TorchScriptTarget(Target):
             # torch 2.13 marks jit as deprecated; it is still the format TorchServe/Triton load.
             warnings.simplefilter("ignore")
             try:
-                if ctx.source.kind == "torchscript":
+                if ctx.source.kind == "torchscript" and isinstance(module, torch.jit.ScriptModule):
                     scripted = module
+                elif ctx.source.kind == "torchscript":
+                    # Constants bound around the TorchScript module (signature.bind): tracing keeps
+                    # the compiled module as a call and bakes the bound arguments in.
+                    with torch.inference_mode(False), torch.no_grad():
+                        scripted = torch.jit.trace(module, example_args(ctx), check_trace=False, strict=False)
                 elif cfg.method == "script":
                     scripted = torch.jit.script(module)
                 else:
