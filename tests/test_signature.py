@@ -79,3 +79,189 @@ def test_unbatched_config_takes_any_axis_and_scalars():
 def test_batched_config_refuses_other_axes(spec):
     with pytest.raises(ValueError, match="max_batch_size 0"):
         ModelConfig(**_cfg(8, [spec]))
+
+
+# ---------------------------------------------------------------------------------------------
+# A small stateful model shaped like silero-vad: input [N, 8], state [2, N, 4] (batch on axis 1),
+# sr a rank-0 INT64 that an `If` branches on; outputs output [N, 1] and stateN [2, N, 4].
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from serve_kit.config import SourceSpec, TargetSpec  # noqa: E402
+from serve_kit.errors import DataError, InputError  # noqa: E402
+from serve_kit.optimize import calibration as cal  # noqa: E402
+from serve_kit.optimize.signature import (Signature, bake_onnx, bind, constant_array, parse_constants,  # noqa: E402
+                                          parse_state)
+
+W = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32) * 0.5
+
+
+def vad_like_onnx(path: Path) -> Path:
+    def branch(name, scale):
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)
+        c = numpy_helper.from_array(np.array(scale, np.float32), f"{name}_c")
+        return helper.make_graph([helper.make_node("Mul", ["xw", f"{name}_c"], [f"{name}_y"])], name, [], [out], [c])
+
+    nodes = [
+        helper.make_node("MatMul", ["input", "W"], ["xw"]),
+        helper.make_node("Equal", ["sr", "k16"], ["is16"]),
+        helper.make_node("If", ["is16"], ["h"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0)),
+        helper.make_node("Unsqueeze", ["h", "zero"], ["h0"]),
+        helper.make_node("Add", ["state", "h0"], ["pre"]),
+        helper.make_node("Tanh", ["pre"], ["stateN"]),
+        helper.make_node("ReduceMean", ["stateN", "axes"], ["m"], keepdims=0),   # [N, 4]
+        helper.make_node("ReduceSum", ["m", "one"], ["s"], keepdims=1),          # [N, 1]
+        helper.make_node("Sigmoid", ["s"], ["output"]),
+    ]
+    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array(16000, np.int64), "k16"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    graph = helper.make_graph(nodes, "vad_like", [
+        helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 8]),
+        helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 4]),
+        helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+    ], [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+        helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def vad_like_numpy(x, state, sr):
+    h = x @ W * (1.0 if sr == 16000 else 2.0)
+    new = np.tanh(state + h[None])
+    return {"output": 1 / (1 + np.exp(-new.mean(0).sum(-1, keepdims=True))), "stateN": new}
+
+
+def streams(n=40, seqs=1, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+    out = {"input": x}
+    if seqs > 1:
+        out["sequence"] = np.arange(n) % seqs
+    return out
+
+
+STATE_SIG = Signature([TensorSpec.parse("input:FP32:-1x8"), TensorSpec.parse("state:FP32:2x-1x4@1")],
+                      [TensorSpec.parse("output:FP32:-1x1"), TensorSpec.parse("stateN:FP32:2x-1x4@1")],
+                      {}, {"stateN": "state"})
+
+
+def _numpy_fn(batch):
+    return vad_like_numpy(batch["input"], batch["state"], 16000)
+
+
+def _sequential(x, seq):
+    """The reference loop: each stream on its own, one chunk at a time, from zero state."""
+    out = np.zeros((len(x), 1), np.float32)
+    for s in np.unique(seq):
+        state = np.zeros((2, 1, 4), np.float32)
+        for i in np.flatnonzero(seq == s):
+            r = vad_like_numpy(x[i:i + 1], state, 16000)
+            out[i], state = r["output"][0], r["stateN"]
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=30))
+def test_closed_loop_equals_streaming_each_sequence_alone(seq):
+    seq = np.array(seq)
+    x = np.random.default_rng(len(seq)).standard_normal((len(seq), 8)).astype(np.float32)
+    ds = cal.to_dataset({"input": x, "sequence": seq}, STATE_SIG.inputs, "labels", "t", optional={"state"})
+    calls = []
+    out, fed = STATE_SIG.closed_loop(lambda b: calls.append(b["input"].shape[0]) or _numpy_fn(b), ds)
+    np.testing.assert_allclose(out["output"], _sequential(x, seq), rtol=1e-6, atol=1e-6)
+    # Steps run the sequences in parallel: as many calls as the longest sequence.
+    assert len(calls) == max(np.bincount(seq)) and sum(calls) == len(seq)
+    assert fed["state"].shape == (2, len(seq), 4) and out["stateN"].shape == (2, len(seq), 4)
+
+
+def test_complete_fills_the_state_the_reference_saw():
+    ds = cal.to_dataset(streams(10), STATE_SIG.inputs, "labels", "t", optional={"state"})
+    done, out = STATE_SIG.complete(_numpy_fn, ds)
+    assert done.inputs["state"].shape == (2, 10, 4) and done.axis("state") == 1
+    assert not done.inputs["state"][:, 0].any()  # the stream starts from zeros
+    np.testing.assert_allclose(done.inputs["state"][:, 1:], out["stateN"][:, :-1])
+    # Run open-loop on the completed data, each sample gives the closed-loop answer.
+    np.testing.assert_allclose(_numpy_fn(done.slice(0, 10))["output"], out["output"], rtol=1e-6)
+
+
+def test_state_output_that_does_not_fit_its_input():
+    sig = Signature(STATE_SIG.inputs, STATE_SIG.outputs, {}, {"output": "state"})
+    ds = cal.to_dataset(streams(3), sig.inputs, "labels", "t", optional={"state"})
+    with pytest.raises(InputError, match="cannot feed state input"):
+        sig.run(_numpy_fn, ds)
+
+
+def test_served_max_batch():
+    assert STATE_SIG.served_max_batch(64) == 0
+    plain = Signature([TensorSpec.parse("x:FP32:-1x8")], [TensorSpec.parse("y:FP32:-1x1")])
+    assert plain.served_max_batch(64) == 64
+    scalar_in = Signature([TensorSpec.parse("x:FP32:-1x8"), TensorSpec.parse("k:INT64:scalar")],
+                          [TensorSpec.parse("y:FP32:-1x1")])
+    assert scalar_in.served_max_batch(64) == 0
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def test_parse_constants_and_state():
+    assert parse_constants(["sr=16000", "scale=[0.5, 2]", "mode=fast", "on=true"]) == {
+        "sr": 16000, "scale": [0.5, 2], "mode": "fast", "on": True}
+    assert parse_state(["stateN=state", " h_out = h "]) == {"stateN": "state", "h_out": "h"}
+    for bad in (["sr"], ["=3"], ["sr="], ["sr=1", "sr=2"]):
+        with pytest.raises(UsageError, match="constant"):
+            parse_constants(bad)
+    for bad in (["stateN"], ["a=x", "b=x"]):
+        with pytest.raises(UsageError):
+            parse_state(bad)
+
+
+def test_constant_dtypes():
+    assert constant_array("sr", 16000, None).dtype == np.int64
+    assert constant_array("g", 0.5, None).dtype == np.float32
+    assert constant_array("sr", 16000, TensorSpec.parse("sr:INT32:scalar")).dtype == np.int32
+    with pytest.raises(UsageError, match="shape"):
+        constant_array("sr", [1, 2], TensorSpec.parse("sr:INT64:scalar"))
+
+
+# -- constants: bake (ONNX) and bind (torch) --------------------------------------------------
+
+
+def test_bake_removes_the_if_and_keeps_the_answer(tmp_path):
+    src = vad_like_onnx(tmp_path / "m.onnx")
+    baked, details = bake_onnx(src, {"sr": np.array(16000, np.int64)}, tmp_path / "w")
+    assert details["if_nodes"] == {"before": 1, "after": 0}
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(baked), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input", "state"]
+    x, s = streams(3)["input"], np.zeros((2, 3, 4), np.float32)
+    got = dict(zip(["output", "stateN"], sess.run(None, {"input": x, "state": s})))
+    np.testing.assert_allclose(got["output"], vad_like_numpy(x, s, 16000)["output"], rtol=1e-5)
+
+
+def test_bind_gives_python_values_to_non_tensor_arguments():
+    import torch
+
+    class M(torch.nn.Module):
+        def forward(self, x, sr: int, gain: torch.Tensor):
+            assert isinstance(sr, int)
+            return x * gain + (1.0 if sr == 16000 else 0.0)
+
+    bound = bind(M(), {"sr": np.array(16000), "gain": np.array([2.0], np.float32)}, ["x"])
+    out = bound(torch.ones(2, 3))
+    assert torch.equal(out, torch.full((2, 3), 3.0))
+    scripted = torch.jit.script(M())
+    assert torch.equal(bind(scripted, {"sr": np.array(16000), "gain": np.array([2.0], np.float32)}, ["x"])(
+        torch.ones(1, 3)), torch.full((1, 3), 3.0))
+    traced = torch.jit.trace(bind(scripted, {"sr": np.array(8000), "gain": np.array([1.0], np.float32)}, ["x"]),
+                             (torch.ones(1, 3),))
+    assert torch.equal(traced(torch.ones(4, 3)), torch.ones(4, 3))
