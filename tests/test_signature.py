@@ -265,3 +265,147 @@ def test_bind_gives_python_values_to_non_tensor_arguments():
     traced = torch.jit.trace(bind(scripted, {"sr": np.array(8000), "gain": np.array([1.0], np.float32)}, ["x"]),
                              (torch.ones(1, 3),))
     assert torch.equal(traced(torch.ones(4, 3)), torch.ones(4, 3))
+
+
+# -- the whole optimize run ------------------------------------------------------------------
+
+from serve_kit.config import DataSpec, LatencySpec, load_model_config  # noqa: E402
+from serve_kit.optimize.pipeline import OptimizeJob, run  # noqa: E402
+
+FAST = LatencySpec(batch_sizes=[1], min_seconds=0.02)
+
+
+def vad_job(tmp_path, model: Path, data: Path, **kw) -> OptimizeJob:
+    base = dict(source=SourceSpec(path=str(model)), repository=tmp_path / "repo", data=DataSpec(calibration=str(data)),
+                latency=FAST, model_name="vad", targets=[TargetSpec(name="onnx")],
+                inputs=[TensorSpec.parse("sr:INT64:scalar")], constants={"sr": 16000}, state={"stateN": "state"})
+    base.update(kw)
+    return OptimizeJob(**base)
+
+
+def test_stateful_onnx_with_a_constant_is_optimized_and_served_unbatched(tmp_path):
+    model = vad_like_onnx(tmp_path / "vad.onnx")
+    data = tmp_path / "stream.npz"
+    x = streams(60)["input"]
+    np.savez(data, input=x, sr=np.array(16000, np.int64))  # the constant's array is dropped
+    report = run(vad_job(tmp_path, model, data))
+    assert report["variants"][0]["status"] == "passed", report["variants"][0]
+    assert report["constants"] == {"sr": 16000} and report["state"] == {"stateN": "state"}
+    assert report["source"]["baked"]["if_nodes"] == {"before": 1, "after": 0}
+    assert [s["name"] for s in report["inputs"]] == ["input", "state"]
+    assert {o["name"]: o["batch_axis"] for o in report["outputs"]} == {"output": 0, "stateN": 1}
+    # One stream cut in two: calibration the first 30 chunks, evaluation the rest, closed-loop.
+    assert report["evaluation"]["samples"] == 30
+    cfg = load_model_config(tmp_path / "repo" / "vad" / "config.yaml")
+    assert cfg.max_batch_size == 0 and cfg.dynamic_batching is None
+    assert [(t.name, t.batch_axis) for t in cfg.inputs] == [("input", 0), ("state", 1)]
+
+    # Served as written: stream chunk by chunk through the runtime, state fed back by the client.
+    from serve_kit.runtime.models import ModelManager
+    from serve_kit.runtime.types import InferRequest
+
+    async def stream():
+        outs = []
+        state = np.zeros((2, 1, 4), np.float32)
+        async with ModelManager(tmp_path / "repo", cores=1) as m:
+            for i in range(5):
+                r = await m.infer(InferRequest(model="vad", inputs={"input": x[i:i + 1], "state": state}))
+                outs.append(r.outputs["output"][0])
+                state = r.outputs["stateN"]
+        return np.array(outs)
+
+    got = asyncio.run(stream())
+    np.testing.assert_allclose(got, _sequential(x[:5], np.zeros(5, int)), rtol=1e-5, atol=1e-6)
+
+
+def test_stateful_data_with_sequences_and_initial_state(tmp_path):
+    model = vad_like_onnx(tmp_path / "vad.onnx")
+    data = tmp_path / "streams.npz"
+    s = streams(48, seqs=4)
+    init = np.random.default_rng(1).standard_normal((2, 48, 4)).astype(np.float32) * 0.1
+    np.savez(data, **s, state=init)
+    report = run(vad_job(tmp_path, model, data))
+    assert report["variants"][0]["status"] == "passed"
+    assert report["calibration"]["sequences"] == 2 and report["evaluation"]["sequences"] == 2
+
+
+def test_scalar_input_fed_per_call_without_constant(tmp_path):
+    """sr stays an input (rank 0, fed whole to every call): served unbatched with sr in its signature."""
+    model = vad_like_onnx(tmp_path / "vad.onnx")
+    data = tmp_path / "stream.npz"
+    np.savez(data, input=streams(20)["input"], sr=np.array(8000, np.int64))
+    report = run(vad_job(tmp_path, model, data, constants={}))
+    assert report["variants"][0]["status"] == "passed"
+    assert [s["name"] for s in report["inputs"]] == ["input", "state", "sr"]
+    assert load_model_config(tmp_path / "repo" / "vad" / "config.yaml").max_batch_size == 0
+
+
+def test_unknown_constant_and_state_names_are_usage_errors(tmp_path):
+    model = vad_like_onnx(tmp_path / "vad.onnx")
+    data = tmp_path / "stream.npz"
+    np.savez(data, input=streams(8)["input"])
+    with pytest.raises(UsageError, match="no input of the ONNX model"):
+        run(vad_job(tmp_path, model, data, constants={"rate": 16000, "sr": 16000}))
+    with pytest.raises(UsageError, match="output 'hN'"):
+        run(vad_job(tmp_path, model, data, state={"hN": "state"}))
+    assert not (tmp_path / "repo" / "vad").exists()
+
+
+def test_wrong_batch_axis_gets_the_axis_hint(tmp_path):
+    model = vad_like_onnx(tmp_path / "vad.onnx")
+    data = tmp_path / "stream.npz"
+    np.savez(data, input=streams(8)["input"], state=np.zeros((2, 8, 4), np.float32))
+    with pytest.raises(DataError) as ei:
+        run(vad_job(tmp_path, model, data, inputs=[TensorSpec.parse("sr:INT64:scalar"),
+                                                   TensorSpec(name="state", datatype="FP32", shape=[-1, -1, 4])]))
+    assert "'state': 2 along axis 0" in ei.value.message and "@AXIS" in ei.value.hint
+
+
+class _Vad:
+    """A TorchScript module shaped like silero_vad.jit: forward(x, sr: int) with an int sr."""
+
+    @staticmethod
+    def save(path: Path) -> Path:
+        import torch
+
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(8, 1)
+
+            def forward(self, x: torch.Tensor, sr: int) -> torch.Tensor:
+                if sr == 16000:
+                    return torch.sigmoid(self.lin(x))
+                return torch.sigmoid(self.lin(x * 2))
+
+        torch.manual_seed(0)
+        torch.jit.save(torch.jit.script(M().eval()), str(path))
+        return path
+
+
+def test_torchscript_with_int_argument_needs_and_takes_a_constant(tmp_path):
+    model = _Vad.save(tmp_path / "vad.jit")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=streams(32)["input"])
+    base = dict(source=SourceSpec(path=str(model)), repository=tmp_path / "repo", data=DataSpec(calibration=str(data)),
+                latency=FAST, model_name="vadjit", targets=[TargetSpec(name="torchscript"), TargetSpec(name="onnx")],
+                keep_going=True)
+    with pytest.raises(UsageError) as ei:
+        run(OptimizeJob(**base))
+    assert "'sr'" in ei.value.message and "--constant sr=16000" in ei.value.hint
+    report = run(OptimizeJob(**base, constants={"sr": 16000}))
+    rows = {v["name"]: v for v in report["variants"]}
+    assert rows["torchscript"]["status"] == "passed"
+    assert rows["onnx"]["status"] in ("passed", "not-applicable", "error")
+    assert report["written"]["variant"] in ("torchscript", "onnx")
+    cfg = load_model_config(tmp_path / "repo" / "vadjit" / "config.yaml")
+    assert [t.name for t in cfg.inputs] == ["x"]
+
+
+def test_float64_data_for_a_factory_gets_the_float32_hint(tmp_path):
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 64)))  # float64
+    with pytest.raises(DataError) as ei:
+        run(OptimizeJob(source=SourceSpec(factory="sk_models:mlp"), repository=tmp_path / "repo",
+                        data=DataSpec(calibration=str(data)), latency=FAST, targets=[TargetSpec(name="onnx")]))
+    assert "float64" in ei.value.message and "astype(np.float32)" in ei.value.hint
