@@ -409,3 +409,97 @@ def test_float64_data_for_a_factory_gets_the_float32_hint(tmp_path):
         run(OptimizeJob(source=SourceSpec(factory="sk_models:mlp"), repository=tmp_path / "repo",
                         data=DataSpec(calibration=str(data)), latency=FAST, targets=[TargetSpec(name="onnx")]))
     assert "float64" in ei.value.message and "astype(np.float32)" in ei.value.hint
+
+
+# -- silero-vad as shipped (the wheel's three files), through the command line ----------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import zipfile  # noqa: E402
+
+SILERO = "silero-vad==6.2.3"
+CACHE = Path(os.environ.get("SERVE_KIT_CACHE", Path.home() / ".cache" / "serve-kit"))
+
+
+@pytest.fixture(scope="module")
+def silero_dir():
+    """silero_vad/data from the PyPI wheel (cached; the zoo's download is reused when present)."""
+    out = CACHE / "shapes" / "silero-vad-6.2.3"
+    if not (out / "silero_vad.jit").exists():
+        wheels = sorted([*(CACHE / "zoo" / "wheels").glob("silero_vad-6.2.3-*.whl"),
+                         *(CACHE / "wheels").glob("silero_vad-6.2.3-*.whl")])
+        if not wheels:
+            (CACHE / "wheels").mkdir(parents=True, exist_ok=True)
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SILERO, "-d",
+                                str(CACHE / "wheels")], capture_output=True, text=True, timeout=300)
+            wheels = sorted((CACHE / "wheels").glob("silero_vad-6.2.3-*.whl"))
+            if r.returncode or not wheels:
+                pytest.skip(f"cannot download {SILERO}: {r.stderr.strip().splitlines()[-1:]}")
+        out.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as z:
+            for name in ("silero_vad.onnx", "silero_vad_16k_op15.onnx", "silero_vad.jit"):
+                (out / name).write_bytes(z.read(f"silero_vad/data/{name}"))
+    return out
+
+
+def speech_like(seconds: float = 10.0, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """Voiced bursts (harmonics of a wandering pitch, syllable-rate envelope) in noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    sig = 0.01 * rng.standard_normal(len(t))
+    for start in np.arange(0.4, seconds - 1, 1.5):
+        dur, f0 = rng.uniform(0.4, 0.9), rng.uniform(100, 220)
+        m = (t >= start) & (t < start + dur)
+        env = np.sin(np.pi * (t[m] - start) / dur) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t[m]))
+        sig[m] += 0.3 * env * sum(np.sin(2 * np.pi * f0 * k * t[m] + rng.uniform(0, 6)) / k for k in range(1, 10))
+    return sig.astype(np.float32)
+
+
+def silero_data(tmp_path: Path) -> tuple[Path, Path]:
+    """(ONNX data: 512-sample chunks with the 64 samples of context the ONNX graph takes; TorchScript
+    data: the bare chunks, its module keeps the context itself)."""
+    chunks = speech_like()[: 312 * 512].reshape(312, 512)
+    context = np.concatenate([np.zeros((1, 64), np.float32), chunks[:-1, -64:]])
+    onnx_npz, jit_npz = tmp_path / "onnx.npz", tmp_path / "jit.npz"
+    np.savez(onnx_npz, input=np.concatenate([context, chunks], axis=1))
+    np.savez(jit_npz, x=chunks)
+    return onnx_npz, jit_npz
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file, targets", [
+    ("silero_vad.onnx", ["onnx", "onnx-int8-static"]),
+    ("silero_vad_16k_op15.onnx", ["onnx", "onnx-int8-static"]),
+    ("silero_vad.jit", ["torchscript", "onnx"]),
+])
+def test_silero_vad_as_shipped(tmp_path, silero_dir, cli_env, file, targets):
+    onnx_npz, jit_npz = silero_data(tmp_path)
+    repo = tmp_path / "repo"
+    args = ["--json", "optimize", str(silero_dir / file), "-r", str(repo), "--name", "vad", "--constant", "sr=16000",
+            "--batch-sizes", "1", "--keep-going", *[a for t in targets for a in ("-t", t)]]
+    if file.endswith(".onnx"):
+        args += ["--input", "sr:INT64:scalar", "--state", "stateN=state", "--calibration-data", str(onnx_npz)]
+    else:
+        args += ["--calibration-data", str(jit_npz)]
+    r = subprocess.run([sys.executable, "-m", "serve_kit", *args], env=cli_env, capture_output=True, text=True,
+                       timeout=600)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((repo / "vad" / "1" / "optimize-report.json").read_text()
+                        if (repo / "vad" / "1" / "optimize-report.json").exists()
+                        else (repo / "vad" / "optimize-report.json").read_text())
+    rows = {v["name"]: v for v in report["variants"]}
+    assert set(rows) == set(targets)
+    assert all(v["status"] in ("passed", "failed", "not-applicable", "unavailable", "error") for v in rows.values())
+    assert rows[targets[0]]["status"] == "passed"
+    assert report["constants"] == {"sr": 16000}
+    cfg = load_model_config(repo / "vad" / "config.yaml")
+    assert "sr" not in [t.name for t in cfg.inputs]
+    if file.endswith(".onnx"):
+        assert report["source"]["baked"]["if_nodes"]["after"] < report["source"]["baked"]["if_nodes"]["before"]
+        assert cfg.max_batch_size == 0 and {t.name: t.batch_axis for t in cfg.inputs} == {"input": 0, "state": 1}
+        errors = (rows["onnx-int8-static"].get("validation") or {}).get("errors") or {}
+        if rows["onnx-int8-static"]["status"] == "passed" and errors:
+            # Closed-loop over the stream, a quantized state that drifts cannot pass.
+            assert min(c["cosine_mean"] for c in errors.values()) >= 0.99
