@@ -503,3 +503,26 @@ def test_silero_vad_as_shipped(tmp_path, silero_dir, cli_env, file, targets):
         if rows["onnx-int8-static"]["status"] == "passed" and errors:
             # Closed-loop over the stream, a quantized state that drifts cannot pass.
             assert min(c["cosine_mean"] for c in errors.values()) >= 0.99
+
+
+def test_torchscript_int_argument_fed_per_call_is_served(tmp_path):
+    """Without --constant, a rank-0 input for an `int` forward() argument: the TorchScript backend
+    passes it as a Python int, and the model is served unbatched with `sr` in its signature."""
+    model = _Vad.save(tmp_path / "vad.jit")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=streams(16)["input"], sr=np.array(8000, np.int64))
+    report = run(OptimizeJob(source=SourceSpec(path=str(model)), repository=tmp_path / "repo",
+                             data=DataSpec(calibration=str(data)), latency=FAST, model_name="vadjit",
+                             inputs=[TensorSpec.parse("x:FP32:-1x8"), TensorSpec.parse("sr:INT64:scalar")],
+                             targets=[TargetSpec(name="torchscript")]))
+    assert report["variants"][0]["status"] == "passed"
+    cfg = load_model_config(tmp_path / "repo" / "vadjit" / "config.yaml")
+    assert cfg.max_batch_size == 0 and [t.name for t in cfg.inputs] == ["x", "sr"]
+    from serve_kit.runtime.backends import load_backend
+
+    backend = load_backend("torchscript", tmp_path / "repo" / "vadjit" / "1" / "model.pt", output_names=["output_0"],
+                           options={"input_names": ["x", "sr"]})
+    x = streams(3)["input"]
+    a = backend.infer({"x": x, "sr": np.array(8000, np.int64)})
+    b = backend.infer({"x": x, "sr": np.array(16000, np.int64)})
+    assert not np.allclose(a["output_0"], b["output_0"])
