@@ -655,6 +655,7 @@ def resolve(job, source, load_data: Callable[..., tuple[Any, dict | None]]) -> t
                                   f"give it per call with --input {name}:DATATYPE:SHAPE and data")
         if constants:
             source.model = bind(source.model, constants, [s.name for s in inputs])
+            source._types = None  # the bound module takes tensors (or what its inputs are) only
             source.info["constants"] = {k: v.tolist() for k, v in constants.items()}
     source.inputs = inputs
     sig = Signature(list(inputs), [], constants, state)
