@@ -317,6 +317,22 @@ def test_stateful_onnx_with_a_constant_is_optimized_and_served_unbatched(tmp_pat
     got = asyncio.run(stream())
     np.testing.assert_allclose(got, _sequential(x[:5], np.zeros(5, int)), rtol=1e-5, atol=1e-6)
 
+    # The stored samples are one whole request that answers as the reference did (smoke tests,
+    # warm-up and `serve-kit bench` send it as is).
+    from serve_kit.bench.offline import _batch, _samples
+    from serve_kit.repository import read_samples
+    from serve_kit.runtime.backends import load_backend
+
+    stored, reference = read_samples(tmp_path / "repo" / "vad" / "1" / "samples.npz")
+    assert stored["state"].shape == (2, 8, 4) and stored["input"].shape == (8, 8)
+    backend = load_backend("onnxruntime", tmp_path / "repo" / "vad" / "1" / "model.onnx",
+                           output_names=["output", "stateN"])
+    answer = backend.infer(stored)
+    np.testing.assert_allclose(answer["output"], reference["output"], rtol=1e-5, atol=1e-6)
+    samples, synthetic = _samples(cfg, tmp_path / "repo" / "vad" / "1", False, "vad v1")
+    assert not synthetic
+    assert {k: v.shape for k, v in _batch(samples, 1, False).items()} == {"input": (8, 8), "state": (2, 8, 4)}
+
 
 def test_stateful_data_with_sequences_and_initial_state(tmp_path):
     model = vad_like_onnx(tmp_path / "vad.onnx")
