@@ -542,3 +542,13 @@ def test_torchscript_int_argument_fed_per_call_is_served(tmp_path):
     a = backend.infer({"x": x, "sr": np.array(8000, np.int64)})
     b = backend.infer({"x": x, "sr": np.array(16000, np.int64)})
     assert not np.allclose(a["output_0"], b["output_0"])
+
+
+def test_module_level_runner_and_calibration_set():
+    from serve_kit.optimize import signature
+
+    ds = cal.to_dataset(streams(12, seqs=3), STATE_SIG.inputs, "labels", "t", optional={"state"})
+    run_all = signature.runner(_numpy_fn, STATE_SIG)
+    np.testing.assert_allclose(run_all(ds)["output"], _sequential(ds.inputs["input"], ds.sequence), rtol=1e-6)
+    calib = signature.calibration_set(STATE_SIG, _numpy_fn, ds)
+    assert calib.inputs["state"].shape == (2, 12, 4) and calib.axis("state") == 1

@@ -296,6 +296,17 @@ class Signature:
         return {k: take(v, slice(0, n), axes.get(k, 0)) for k, v in arrays.items()}
 
 
+def runner(fn: RunFn, sig: Signature) -> Callable[..., dict[str, np.ndarray]]:
+    """`fn` (a model's `infer`) as `run(dataset, advance=None) -> outputs`, closed-loop when `sig`
+    keeps state: the one call every part uses to run a model over data."""
+    return sig.runner(fn)
+
+
+def calibration_set(sig: Signature, fn: RunFn, ds: Dataset) -> Dataset:
+    """Calibration data whose state inputs hold what `fn` (the reference) saw along its run."""
+    return sig.calibration_set(fn, ds)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inference and checks (from the source and the data)
 
