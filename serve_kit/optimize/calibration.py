@@ -244,7 +244,8 @@ def to_dataset(arrays: dict[str, Any], specs: list[TensorSpec], label_key: str, 
     if missing:
         raise DataError(f"data have no array for model input(s) {missing}", value=sorted(arrays), origin=origin,
                         hint=f"name the arrays after the model's inputs {[s.name for s in specs]}"
-                             f" (labels go in {label_key!r})")
+                             f" (labels go in {label_key!r}); a recurrent state input fed by an output may start "
+                             f"from zeros with --state OUTPUT=INPUT, a fixed one be set with --constant NAME=VALUE")
     extra = [k for k in arrays if k not in names]
     if extra:
         raise DataError(f"data hold arrays that are no model input: {extra}", origin=origin,
