@@ -355,6 +355,25 @@ def test_scalar_input_fed_per_call_without_constant(tmp_path):
     assert [s["name"] for s in report["inputs"]] == ["input", "state", "sr"]
     assert load_model_config(tmp_path / "repo" / "vad" / "config.yaml").max_batch_size == 0
 
+    # Served: a rank-0 input in a request, through the runtime's checks and an HTTP-style JSON body.
+    from serve_kit.runtime.models import ModelManager
+    from serve_kit.runtime.protocol import decode_infer_request
+
+    x = streams(2)["input"]
+    body = json.dumps({"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [2, 8], "data": x.ravel().tolist()},
+        {"name": "state", "datatype": "FP32", "shape": [2, 2, 4], "data": [0.0] * 16},
+        {"name": "sr", "datatype": "INT64", "shape": [], "data": [8000]}]}).encode()
+
+    async def once():
+        async with ModelManager(tmp_path / "repo", cores=1) as m:
+            decoded = decode_infer_request(body, None, m.config("vad"), "vad", None)
+            return await m.infer(decoded)
+
+    r = asyncio.run(once())
+    want = vad_like_numpy(x, np.zeros((2, 2, 4), np.float32), 8000)
+    np.testing.assert_allclose(r.outputs["output"], want["output"], rtol=1e-5)
+
 
 def test_unknown_constant_and_state_names_are_usage_errors(tmp_path):
     model = vad_like_onnx(tmp_path / "vad.onnx")
@@ -552,3 +571,21 @@ def test_module_level_runner_and_calibration_set():
     np.testing.assert_allclose(run_all(ds)["output"], _sequential(ds.inputs["input"], ds.sequence), rtol=1e-6)
     calib = signature.calibration_set(STATE_SIG, _numpy_fn, ds)
     assert calib.inputs["state"].shape == (2, 12, 4) and calib.axis("state") == 1
+
+
+def test_recipe_takes_constants_and_state():
+    from serve_kit.config import Recipe
+
+    r = Recipe.model_validate({"name": "vad", "model": {"path": "silero_vad.onnx"}, "constants": {"sr": 16000},
+                               "state": {"stateN": "state"},
+                               "inputs": [{"name": "state", "datatype": "FP32", "shape": [2, -1, 128], "batch_axis": 1}]})
+    assert r.constants == {"sr": 16000} and r.state == {"stateN": "state"} and r.inputs[0].batch_axis == 1
+
+
+def test_cli_refuses_bad_shape_options_before_any_work(tmp_path, cli_env):
+    for args, needle in ((["--constant", "sr"], "constant is not NAME=VALUE"),
+                         (["--state", "stateN"], "state is not OUTPUT=INPUT"),
+                         (["--input", "state:FP32:2x-1x128@0"], "must be -1")):
+        r = subprocess.run([sys.executable, "-m", "serve_kit", "optimize", str(tmp_path / "none.onnx"), *args],
+                           env=cli_env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
