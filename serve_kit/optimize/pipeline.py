@@ -8,6 +8,7 @@ that passed is written and the misses are reported.
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import platform
 import shutil
@@ -23,8 +24,8 @@ import numpy as np
 from .. import __version__
 from ..bench.offline import measure
 from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, ModelConfig, RepositorySpec, SourceSpec,
-                      TargetSpec, TensorSpec, parse_model)
-from ..errors import DataError, ServeKitError, UsageError
+                      TargetSpec, TensorSpec, datatype_of, parse_model)
+from ..errors import DataError, InputError, ServeKitError, UsageError
 from ..progress import ProgressSink
 from ..repository import SAMPLES, Repository, atomic_write_text, load_model_config, write_samples
 from ..runtime.backends import load_backend
@@ -32,7 +33,7 @@ from . import calibration as cal
 from . import signature
 from .source import Source, load_source
 from .target import Artifact, BuildContext, Target, target_class
-from .validate import Metric, validate
+from .validate import Metric, run_batched, validate
 
 DEFAULT_TARGETS = ["torchscript", "onnx", "onnx-int8-static", "onnx-int8-dynamic", "onnx-int4"]
 SAMPLES_STORED = 8
@@ -47,6 +48,10 @@ class OptimizeJob:
     repository: Path
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
+    constants: dict[str, Any] = field(default_factory=dict)
+    """Input name -> value baked into the model (`--constant sr=16000`); see optimize/signature.py."""
+    state: dict[str, str] = field(default_factory=dict)
+    """Output name -> the input it feeds at the next step (`--state stateN=state`)."""
     data: DataSpec = field(default_factory=DataSpec)
     allow_synthetic: bool = False
     metric: str | None = None
@@ -59,10 +64,6 @@ class OptimizeJob:
     keep_going: bool = False
     recipe: str | None = None
     report_path: Path | None = None
-    constants: dict[str, Any] = field(default_factory=dict)
-    """Input name -> value baked into the model (`--constant sr=16000`); see optimize/signature.py."""
-    state: dict[str, str] = field(default_factory=dict)
-    """Output name -> the input it feeds at the next step (`--state stateN=state`)."""
 
 
 def tool_versions() -> dict[str, str]:
@@ -177,10 +178,10 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
         "inputs": [s.model_dump() for s in inputs], "outputs": [s.model_dump() for s in outputs],
         "calibration": split.calibration.describe(), "evaluation": split.evaluation.describe(),
         "metric": job.metric, "reference": {"name": source.reference_name, "metric": ref_metric},
-        **sig.describe(),
         "tools": tool_versions(), "variants": [],
     }
 
+    report.update(sig.describe())  # constants, state (optimize/signature.py)
     workdir = Path(tempfile.mkdtemp(prefix="serve-kit-optimize-"))
     try:
         ctx = BuildContext(source, inputs, outputs, split.calibration, workdir, progress,
