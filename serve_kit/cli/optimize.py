@@ -54,6 +54,13 @@ def optimize(
                                                          "x:FP32:3x4@none (no batch axis), sr:INT64:scalar "
                                                          "(repeat per input)."),
     outputs: list[str] = typer.Option([], "--output", help="Output spec NAME:DATATYPE:SHAPE (repeat per output)."),
+    # -- model shapes (optimize/signature.py) --
+    constants: list[str] = typer.Option([], "--constant", help="Bake an input or forward() argument into the model: "
+                                                               "NAME=VALUE (a number, bool, string or JSON list), e.g. "
+                                                               "sr=16000; it leaves the served signature (repeat)."),
+    state: list[str] = typer.Option([], "--state", help="OUTPUT=INPUT: the output feeds the input at the next call, "
+                                                        "e.g. stateN=state; data are then consecutive chunks of "
+                                                        "streams, run closed-loop (repeat)."),
     targets: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat); default: the recipe's, "
                                                                  "else all CPU targets."),
     calibration_data: Optional[str] = typer.Option(None, "--calibration-data", help=".npz, .npy or folder of them."),
@@ -70,13 +77,6 @@ def optimize(
     keep_going: bool = typer.Option(False, "--keep-going", help="Write the fastest passing variant even when "
                                                                 "others miss their gate (exit 0)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Latency batch sizes, e.g. 1,32."),
-    # -- model shapes (optimize/signature.py) --
-    constants: list[str] = typer.Option([], "--constant", help="Bake an input or forward() argument into the model: "
-                                                               "NAME=VALUE (a number, bool, string or JSON list), e.g. "
-                                                               "sr=16000; it leaves the served signature (repeat)."),
-    state: list[str] = typer.Option([], "--state", help="OUTPUT=INPUT: the output feeds the input at the next call, "
-                                                        "e.g. stateN=state; data are then consecutive chunks of "
-                                                        "streams, run closed-loop (repeat)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Where to write report.json (default: "
                                                                  "<repository>/<model>/optimize-report.json)."),
 ) -> None:
