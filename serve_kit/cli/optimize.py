@@ -53,7 +53,6 @@ def optimize(
                                                          "input:FP32:-1x1x8x8, state:FP32:2x-1x128@1 (batch on axis 1), "
                                                          "x:FP32:3x4@none (no batch axis), sr:INT64:scalar "
                                                          "(repeat per input)."),
-    outputs: list[str] = typer.Option([], "--output", help="Output spec NAME:DATATYPE:SHAPE (repeat per output)."),
     # -- model shapes (optimize/signature.py) --
     constants: list[str] = typer.Option([], "--constant", help="Bake an input or forward() argument into the model: "
                                                                "NAME=VALUE (a number, bool, string or JSON list), e.g. "
@@ -61,6 +60,7 @@ def optimize(
     state: list[str] = typer.Option([], "--state", help="OUTPUT=INPUT: the output feeds the input at the next call, "
                                                         "e.g. stateN=state; data are then consecutive chunks of "
                                                         "streams, run closed-loop (repeat)."),
+    outputs: list[str] = typer.Option([], "--output", help="Output spec NAME:DATATYPE:SHAPE (repeat per output)."),
     targets: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat); default: the recipe's, "
                                                                  "else all CPU targets."),
     calibration_data: Optional[str] = typer.Option(None, "--calibration-data", help=".npz, .npy or folder of them."),
