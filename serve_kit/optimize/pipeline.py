@@ -237,7 +237,7 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
         report["written"] = None
         if chosen and (not failed or job.keep_going):
             report["written"] = _write_version(job, model_name, chosen, built[chosen["name"]], report,
-                                               split.evaluation, ref_out, sig)
+                                               split.evaluation, ref_out)
         elif chosen:
             report["not_written_because"] = ("variants failed: " + ", ".join(r["name"] for r in failed)
                                              + " (use --keep-going to write the fastest passing one anyway)")
@@ -308,11 +308,12 @@ def _run_target(job: OptimizeJob, spec: TargetSpec, target: Target, ctx: BuildCo
 
 
 def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artifact: Artifact,
-                   report: dict[str, Any], evaluation: cal.Dataset, ref_out: dict[str, np.ndarray],
-                   sig: signature.Signature) -> dict[str, Any]:
+                   report: dict[str, Any], evaluation: cal.Dataset, ref_out: dict[str, np.ndarray]) -> dict[str, Any]:
     repo = Repository(job.repository)
     inputs = [TensorSpec(**s) for s in report["inputs"]]
     outputs = [TensorSpec(**s) for s in report["outputs"]]
+    # Batch axes and state decide max_batch_size and how samples are cut (optimize/signature.py).
+    sig = signature.Signature(inputs, outputs, state=report.get("state") or {})
     cfg_path = job.repository / model_name / "config.yaml"
     spec = job.repo_spec
     fresh = dict(name=model_name, backend=rec["backend"], max_batch_size=sig.served_max_batch(spec.max_batch_size),
@@ -343,7 +344,6 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
             "validation": rec["validation"], "latency": rec.get("latency"),
             "reference": {"name": report["reference"]["name"], "metric": report["reference"]["metric"]},
             "recipe": report["recipe"], "samples_file": SAMPLES,
-            **sig.describe(),
         }
         version = stage.commit(config, manifest)
     return {"model": model_name, "version": version, "path": str(job.repository / model_name / str(version)),

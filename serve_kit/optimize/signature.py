@@ -682,6 +682,8 @@ def resolve(job, source, load_data: Callable[..., tuple[Any, dict | None]]) -> t
         _check_baked(source, sig, probe_ds)
     source.outputs = sig.outputs
     source.signature = sig
+    if state:
+        source.info["state"] = dict(state)  # in the report's and the manifest's `source`
     return sig, split
 
 
