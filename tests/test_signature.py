@@ -589,3 +589,48 @@ def test_cli_refuses_bad_shape_options_before_any_work(tmp_path, cli_env):
         r = subprocess.run([sys.executable, "-m", "serve_kit", "optimize", str(tmp_path / "none.onnx"), *args],
                            env=cli_env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# -- a PyTorch recurrent model: state on axis 1 through every export ---------------------------
+
+
+def gru_model():
+    """A factory (module:function) for the test below: one GRU step, hidden state [1, N, 16]."""
+    import torch
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(8, 16, batch_first=True)
+            self.head = torch.nn.Linear(16, 1)
+
+        def forward(self, x, h):
+            y, h_next = self.gru(x[:, None, :], h)
+            return torch.sigmoid(self.head(y[:, 0])), h_next
+
+    torch.manual_seed(0)
+    return Step().eval()
+
+
+def test_torch_recurrent_model_state_on_axis_1_through_the_exports(tmp_path):
+    data = tmp_path / "stream.npz"
+    np.savez(data, x=streams(64, seqs=4)["input"], sequence=np.arange(64) % 4)
+    report = run(OptimizeJob(
+        source=SourceSpec(factory="test_signature:gru_model"), repository=tmp_path / "repo",
+        data=DataSpec(calibration=str(data)), latency=FAST, model_name="gru",
+        inputs=[TensorSpec.parse("x:FP32:-1x8"), TensorSpec.parse("h:FP32:1x-1x16@1")],
+        state={"output_1": "h"}, keep_going=True,
+        targets=[TargetSpec(name="torchscript"), TargetSpec(name="onnx"), TargetSpec(name="onnx-int8-dynamic")]))
+    rows = {v["name"]: v["status"] for v in report["variants"]}
+    assert rows["torchscript"] == "passed" and rows["onnx"] == "passed", report["variants"]
+    assert rows["onnx-int8-dynamic"] in ("passed", "failed")  # quantized GRU: judged closed-loop
+    assert {o["name"]: o["batch_axis"] for o in report["outputs"]} == {"output_0": 0, "output_1": 1}
+    cfg = load_model_config(tmp_path / "repo" / "gru" / "config.yaml")
+    assert cfg.max_batch_size == 0
+    import onnxruntime as ort
+
+    onnx_file = next((tmp_path / "repo" / "gru").glob("*/model.onnx"), None)
+    if onnx_file is not None:  # the ONNX export has a dynamic batch on h's axis 1
+        sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"x": np.zeros((3, 8), np.float32), "h": np.zeros((1, 3, 16), np.float32)})
+        assert out[1].shape == (1, 3, 16)
