@@ -353,14 +353,15 @@ def split(ds: Dataset, max_calibration: int, max_evaluation: int, seed: int = 0,
                      ds.subset(np.sort(ev), f"{ds.origin} [held-out evaluation split]"))
 
 
-def from_function(ref: str, specs: list[TensorSpec], label_key: str) -> DataSplit:
+def from_function(ref: str, specs: list[TensorSpec], label_key: str, optional: frozenset[str] = frozenset(),
+                  ignore: frozenset[str] = frozenset()) -> DataSplit:
     fn: Callable = import_object(ref, "recipe data.function")
     data = fn()
     if not isinstance(data, dict) or "calibration" not in data or "evaluation" not in data:
         raise DataError("dataset function must return {'calibration': {...}, 'evaluation': {...}}",
                         value=ref, origin="recipe data.function")
-    return DataSplit(to_dataset(data["calibration"], specs, label_key, f"{ref} [calibration]"),
-                     to_dataset(data["evaluation"], specs, label_key, f"{ref} [evaluation]"))
+    return DataSplit(to_dataset(data["calibration"], specs, label_key, f"{ref} [calibration]", optional, ignore),
+                     to_dataset(data["evaluation"], specs, label_key, f"{ref} [evaluation]", optional, ignore))
 
 
 class ReaderAdapter:

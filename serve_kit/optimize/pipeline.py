@@ -90,7 +90,7 @@ def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: Progr
     if d.function:
         if specs is None:
             raise UsageError("a recipe with a data function must declare its inputs", origin="recipe inputs")
-        return cal.from_function(d.function, specs, d.label_key), None
+        return cal.from_function(d.function, specs, d.label_key, optional, ignore), None
     if d.calibration:
         if specs is None:
             arrays, _ = cal.load_arrays(Path(d.calibration), [], d.label_key)
