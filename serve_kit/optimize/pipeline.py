@@ -222,6 +222,9 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     if metric and split.evaluation.labels is None:
         raise DataError(f"metric {job.metric!r} needs labels, and the evaluation data have none",
                         origin="evaluation data", hint=f"add a {job.data.label_key!r} array")
+    if metric:
+        metric.check_labels(split.evaluation.labels, len(split.evaluation), split.evaluation.origin or "evaluation data",
+                            job.data.label_key)
     with progress.task(f"reference outputs ({source.reference_name})", len(split.evaluation)) as adv:
         ref_out = run_batched(source.run, split.evaluation, advance=adv)
     ref_metric = metric(ref_out, split.evaluation.labels) if metric else None
