@@ -401,10 +401,11 @@ def gate_setting(fields: dict[str, Any], key: str, text: str, origin: str) -> No
     else:
         fields[fld] = setting_value(GateConfig, fld, text)
     try:
-        GateConfig(**fields)
+        typed = GateConfig(**fields)
     except ValidationError as e:
         raise UsageError(f"invalid gate setting: {model_errors(e)}", value=f"{key}={text}", origin=origin,
                          hint="see the README's \"Gates\" for each field's range") from None
+    fields.update({k: getattr(typed, k) for k in fields})
 
 
 def parse_gate_args(items: list[str], origin: str = "--gate") -> dict[str, dict[str, Any]]:
