@@ -461,3 +461,21 @@ def test_pipeline_refuses_string_labels_for_top1_before_any_work(tmp_path, npz):
                         targets=[TargetSpec(name="onnx")]))
     assert "labels" in e.value.message and "integers" in e.value.hint
     assert not (tmp_path / "repo" / "mlp" / "1").exists()
+
+
+def test_image_smoke_test_compares_one_element_outputs_without_a_cosine():
+    from serve_kit.config import ModelConfig
+    from serve_kit.packaging.smoke import compare
+
+    cfg = ModelConfig(name="vad", backend="onnxruntime", max_batch_size=8,
+                      inputs=[{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+                      outputs=[{"name": "prob", "datatype": "FP32", "shape": [-1, 1]},
+                               {"name": "emb", "datatype": "FP32", "shape": [-1, 3]}])
+    ref = {"prob": np.array([[0.1], [0.9]], np.float32), "emb": np.array([[1, 2, 3], [4, 5, 6]], np.float32)}
+    recorded = compare_outputs(ref, {k: v + 1e-4 for k, v in ref.items()})
+    manifest = {"validation": {"errors": recorded}}
+    same = compare(cfg, manifest, {k: v.copy() for k, v in ref.items()}, ref)
+    assert same["prob"]["passed"] and same["prob"]["cosine_min"] is None and same["prob"]["cosine_min_limit"] is None
+    assert same["emb"]["passed"] and same["emb"]["cosine_min"] == pytest.approx(1.0)
+    off = compare(cfg, manifest, {"prob": ref["prob"] + 0.5, "emb": ref["emb"]}, ref)
+    assert not off["prob"]["passed"] and off["emb"]["passed"]
