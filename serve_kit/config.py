@@ -386,13 +386,13 @@ def model_errors(e: ValidationError) -> str:
 GATE_DICT_FIELDS = ("kinds", "thresholds")
 
 
-def gate_setting(fields: dict[str, Any], key: str, text: str, origin: str) -> None:
+def gate_setting(fields: dict[str, Any], key: str, text: str, origin: str, form: str = "FIELD=VALUE") -> None:
     """Add one gate setting, `FIELD=VALUE`, `kinds.OUTPUT=KIND` or `thresholds.OUTPUT=VALUE`, to
     `fields` (checked by building a GateConfig from them)."""
     fld, dot, output = key.partition(".")
     scalar = [f for f in GateConfig.model_fields if f not in GATE_DICT_FIELDS]
     if fld not in GateConfig.model_fields or (fld in GATE_DICT_FIELDS) != bool(dot and output):
-        raise UsageError("unknown gate field", value=key, origin=origin,
+        raise UsageError(f"unknown gate field {fld!r} (a gate setting is {form})", value=key, origin=origin,
                          hint="gate fields: " + ", ".join(scalar)
                               + "; per output: kinds.OUTPUT=probability|logits|regression|discrete, "
                                 "thresholds.OUTPUT=0.3")
@@ -419,7 +419,7 @@ def parse_gate_args(items: list[str], origin: str = "--gate") -> dict[str, dict[
                              hint=f"precisions: {', '.join(DEFAULT_GATES)}, all; e.g. --gate int8.max_metric_drop=0.5, "
                                   "--gate int8.max_flip_rate=none, --gate all.kinds.prob=probability")
         for p in (DEFAULT_GATES if prec == "all" else [prec]):
-            gate_setting(gates.setdefault(p, {}), fld, value, f"{origin} {item}")
+            gate_setting(gates.setdefault(p, {}), fld, value, f"{origin} {item}", "PRECISION.FIELD=VALUE")
     return gates
 
 

@@ -479,3 +479,27 @@ def test_image_smoke_test_compares_one_element_outputs_without_a_cosine():
     assert same["emb"]["passed"] and same["emb"]["cosine_min"] == pytest.approx(1.0)
     off = compare(cfg, manifest, {"prob": ref["prob"] + 0.5, "emb": ref["emb"]}, ref)
     assert not off["prob"]["passed"] and off["emb"]["passed"]
+
+
+def test_cli_target_settings_reach_the_target_and_bad_keys_are_usage_errors(tmp_path, npz, cli_env):
+    import json
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-c", "from serve_kit.cli import main; main()"]
+    base = [*cli, "--json", "optimize", "sk_models:mlp", "--calibration-data", npz, "--metric", "top1",
+            "-r", str(tmp_path / "repo"), "--batch-sizes", "1", "--select", "none", "--report", str(tmp_path / "r.json")]
+    r = subprocess.run([*base, "-t", "onnx-int8-static:calibration_method=percentile,percentile=99.99,diagnose=false,"
+                        "gate.max_flip_rate=0.05"], env=cli_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    # (read from --report: ONNX Runtime's histogram calibrators print progress on stdout)
+    report = json.loads((tmp_path / "r.json").read_text())
+    v = report["variants"][0]
+    assert v["config"]["calibration_method"] == "percentile" and v["config"]["diagnose"] is False
+    assert v["config"]["percentile"] == 99.99
+    assert v["validation"]["gate"]["max_flip_rate"] == 0.05 and v["gate_origin"] == "user"
+    assert v["validation"]["gate"]["max_rel_l2"] == DEFAULT_GATES["int8"].max_rel_l2  # the rest stays default
+    r = subprocess.run([*base, "-t", "onnx-int8-static:calibraton_method=entropy"], env=cli_env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "calibraton_method" in r.stdout + r.stderr and "calibration_method" in r.stdout + r.stderr

@@ -49,7 +49,7 @@ def parse_target_arg(text: str, base: TargetSpec | None = None, origin: str = "-
             raise UsageError(f"target setting {key!r} given twice", value=item, origin=where)
         given.add(key)
         if key.startswith("gate."):
-            gate_setting(gate_fields, key[len("gate."):], value, where)
+            gate_setting(gate_fields, key[len("gate."):], value, where, "gate.FIELD=VALUE")
             continue
         if key not in cls.Config.model_fields:
             raise UsageError(f"{name} has no setting {key!r}", value=item, origin=where,
