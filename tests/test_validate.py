@@ -113,6 +113,22 @@ def test_kind_detection():
     assert detect_kind("scalar", np.float32(0.3)) == "probability"
 
 
+@settings(max_examples=80, deadline=None)
+@given(arr=hnp.arrays(st.sampled_from([np.float16, np.float32, np.float64]),
+                      hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=5),
+                      elements=st.floats(-3, 3, width=16)),
+       name=st.sampled_from(["output", "y", "embedding", "logits", "cls_scores"]), classifier=st.booleans())
+def test_kind_detection_properties(arr, name, classifier):
+    kind = detect_kind(name, arr, classifier)
+    if np.all((arr >= 0) & (arr <= 1)):
+        assert kind == "probability"  # values decide first: a probability is never gated as a logit
+    elif classifier or name in ("logits", "cls_scores"):
+        assert kind == "logits"
+    else:
+        assert kind == "regression"
+    assert detect_kind(name, arr.astype(np.int64), classifier) == "discrete"
+
+
 def test_kinds_in_the_gate_override_detection():
     rng = np.random.default_rng(2)
     ref = rng.normal(size=(100, 3)).astype(np.float32)

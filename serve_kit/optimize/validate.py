@@ -93,11 +93,21 @@ def detect_kind(name: str, reference: np.ndarray, classifier: bool = False) -> s
         return "discrete"
     if r.dtype.kind != "f" or r.size == 0:
         return "regression"
-    if bool(np.all(np.isfinite(r))) and float(np.min(r)) >= 0.0 and float(np.max(r)) <= 1.0:
+    if _within_unit_interval(r):
         return "probability"
     if classifier or _LOGIT_NAME.search(name.lower()):
         return "logits"
     return "regression"
+
+
+def _within_unit_interval(r: np.ndarray) -> bool:
+    per_sample = int(np.prod(r.shape[1:])) if r.ndim > 1 else 1
+    for s in _chunks(len(r), per_sample):
+        c = r[s]
+        # NaN fails both comparisons, so a NaN anywhere is not a probability either.
+        if not (bool(np.all(c >= 0.0)) and bool(np.all(c <= 1.0))):
+            return False
+    return True
 
 
 def _decision(kind: str, r: np.ndarray, threshold: float) -> str | None:
