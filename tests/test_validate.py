@@ -138,6 +138,12 @@ def test_kinds_in_the_gate_override_detection():
     assert e["kind"] == "regression" and e["kind_from"] == "detected" and e["flip_rate"] is None
 
 
+def test_kinds_for_an_output_the_model_lacks_are_refused():
+    with pytest.raises(InputError, match=r"\['speech'\]") as e:
+        compare_outputs({"output": np.zeros((2, 1))}, {"output": np.zeros((2, 1))}, GateConfig(kinds={"speech": "logits"}))
+    assert "output" in e.value.hint
+
+
 def test_argmax_flips_are_counted_per_decision():
     ref = np.array([[2.0, 1.0, 0.0]] * 100, np.float32)
     got = ref.copy()

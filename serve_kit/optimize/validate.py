@@ -144,6 +144,7 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], gate
     A measure that does not apply to an output is None. `worst_sample` maps each measure to the
     sample where it is worst."""
     gate = gate or GateConfig()
+    check_gate_outputs(gate, list(ref))
     result = {}
     for name, r in ref.items():
         if name not in got:
@@ -158,6 +159,15 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], gate
         result[name] = _measure(r, g, kind, threshold)
         result[name]["kind_from"] = "gate" if name in gate.kinds else "detected"
     return result
+
+
+def check_gate_outputs(gate: GateConfig, outputs: list[str], origin: str = "gate kinds / thresholds") -> None:
+    """A `kinds` or `thresholds` entry must name an output: a misspelt name would leave the
+    detected kind in force without a word."""
+    unknown = sorted((set(gate.kinds) | set(gate.thresholds)) - set(outputs))
+    if unknown:
+        raise InputError(f"the gate sets kinds or thresholds for outputs the model does not have: {unknown}",
+                         origin=origin, hint=f"the outputs are {outputs}")
 
 
 def _measure(r: np.ndarray, g: np.ndarray, kind: str, threshold: float) -> dict[str, Any]:
