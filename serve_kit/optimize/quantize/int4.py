@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 
 from pydantic import Field, field_validator
 
@@ -103,15 +102,13 @@ def matmul_weights(model, target: str) -> dict[str, tuple[int, int]]:
 
     require_ops(model, {"MatMul"}, target, "MatMul (INT4 weight-only quantizes MatMul weights)")
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
-    out, computed = {}, 0
+    out = {}
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
         dims = inits.get(node.input[1])
         if dims is not None and len(dims) == 2:
             out[node.name] = (dims[0], dims[1])
-        else:
-            computed += 1
     if not out:
         census = op_census(model, {"MatMul"})
         raise TargetNotApplicable(

@@ -114,8 +114,11 @@ class Int8StaticTarget(Target):
         prepared = outdir / "_prepared.onnx"
         details = prepare_for_quantization(fp32, prepared, per_channel=cfg.per_channel)
         wanted = set(cfg.op_types) if cfg.op_types else STATIC_COMPUTE_OPS
-        details["quantizable_ops"] = require_ops(onnx.load(str(prepared), load_external_data=False), wanted,
-                                                 self.name, "op that static INT8 quantizes")
+        census = require_ops(onnx.load(str(prepared), load_external_data=False), wanted, self.name,
+                             "op that static INT8 quantizes")
+        details["quantizable_ops"] = census["main_graph"]
+        if census["subgraphs"]:  # ORT's quantizer does not enter If/Loop bodies: say what stays float
+            details["left_in_float_inside_subgraphs"] = census["subgraphs"]
         src = prepared
         if cfg.preprocess:
             src, note = _preprocess(prepared, outdir / "_preprocessed.onnx", cfg.skip_symbolic_shape)
@@ -311,8 +314,10 @@ class Int8DynamicTarget(Target):
         src = outdir / "fp32.onnx"
         details = prepare_for_quantization(ctx.onnx_fp32(), src, per_channel=cfg.per_channel)
         wanted = set(cfg.op_types) | ({"Gemm"} if cfg.gemm_to_matmul else set())
-        require_ops(onnx.load(str(src), load_external_data=False), wanted, self.name,
-                    "op that dynamic INT8 quantizes")
+        census = require_ops(onnx.load(str(src), load_external_data=False), wanted, self.name,
+                             "op that dynamic INT8 quantizes")
+        if census["subgraphs"]:
+            details["left_in_float_inside_subgraphs"] = census["subgraphs"]
         rewritten = gemm_to_matmul(src, src) if cfg.gemm_to_matmul else 0
         per_channel = details.pop("per_channel")
         path = outdir / "model.onnx"

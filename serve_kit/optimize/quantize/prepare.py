@@ -216,11 +216,12 @@ def op_census(model, op_types: set[str] | None = None) -> dict[str, dict[str, in
     return {"main_graph": main, "subgraphs": inner}
 
 
-def require_ops(model, op_types: set[str], target: str, what: str) -> dict[str, int]:
-    """The main graph's counts of `op_types`; TargetNotApplicable with the real cause if none."""
+def require_ops(model, op_types: set[str], target: str, what: str) -> dict[str, dict[str, int]]:
+    """Counts of `op_types` in the main graph and in subgraphs (`op_census`); TargetNotApplicable
+    with the real cause when the main graph has none."""
     census = op_census(model, op_types)
     if census["main_graph"]:
-        return census["main_graph"]
+        return census
     if census["subgraphs"]:
         raise TargetNotApplicable(
             f"every op {target} quantizes sits inside an If/Loop/Scan subgraph "
@@ -248,7 +249,7 @@ def prepare_for_quantization(src: Path, dst: Path, *, per_channel: bool = True) 
     details: dict[str, Any] = {}
     records = fold_dequantized_weights(model)
     if records:
-        details["folded_weights"] = {"count": len(records), "first": records[:8]}
+        details["folded_weights"] = {"count": len(records), "first": records[:3]}
     before = default_opset(model)
     details["opset"] = {"source": before}
     if before < MIN_OPSET or (per_channel and before < PER_CHANNEL_OPSET):
@@ -297,7 +298,9 @@ def _fix_topological_order(model) -> list[str]:
         progress, rest = False, []
         for n in pending:
             # Names no node produces come from an outer scope or are graph inputs: not a dependency.
-            if all(i in available or i not in produced_by_graph for i in n.input):
+            # A subgraph's reads of outer-scope names are dependencies of the node that holds it.
+            reads = set(n.input).union(*(_names_used(sub) for sub in _subgraphs(n)))
+            if all(i in available or i not in produced_by_graph for i in reads):
                 ordered.append(n)
                 available.update(n.output)
                 progress = True
