@@ -213,7 +213,8 @@ def test_int8_static_on_the_opset11_recognizer_writes_a_valid_per_channel_model(
     assert d["folded_weights"]["count"] == 39
     assert d["written_model"]["checked"] == ["onnx.checker", "onnxruntime session"]
     graph = onnx.load(str(art.path)).graph
-    per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    per_channel = [n for n in graph.node
+                   if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
     assert per_channel  # the folded weights are now quantized per channel, as constants
     x = text_lines(8, seed=1)
     ref, got = _run(ocr_rec, {"x": x})[0], _run(art.path, {"x": x})[0]

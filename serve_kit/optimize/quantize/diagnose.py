@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import save_model
 from .feeds import FeedReader
 
 MAX_SAMPLES = 16
@@ -88,7 +89,7 @@ def _augmented(model, names: list[str], path: Path) -> None:
     for n in names:
         if n not in have:
             model.graph.output.append(onnx.ValueInfoProto(name=n))
-    onnx.save(model, str(path))
+    save_model(model, path)
 
 
 def _session(path: Path):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError, TargetNotApplicable
+from . import save_model
 
 
 def _axis(spec) -> int | None:
@@ -163,7 +164,7 @@ def activation_bytes(model_path: Path, feed: dict[str, np.ndarray], workdir: Pat
                 model.graph.output.append(onnx.ValueInfoProto(name=o))
                 have.add(o)
     aug = workdir / "_activation_probe.onnx"
-    onnx.save(model, str(aug))
+    save_model(model, aug)
     del model
     try:
         so = ort.SessionOptions()

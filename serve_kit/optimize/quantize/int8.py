@@ -23,7 +23,7 @@ from pydantic import Field
 from ...errors import TargetError, TargetNotApplicable
 from ..calibration import Dataset
 from ..target import Artifact, BuildContext, Target, TargetConfig, register_target
-from . import count_ops, gemm_to_matmul
+from . import count_ops, gemm_to_matmul, is_large, model_inputs
 from .diagnose import MAX_SAMPLES, guarded, tensor_sqnr
 from .feeds import (FeedReader, activation_bytes, budget_bytes, evenly, plan_calibration, sample_count, subset,
                     take)
@@ -164,9 +164,11 @@ class Int8StaticTarget(Target):
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
         extra = {"CalibPercentile": cfg.percentile} if cfg.calibration_method == "percentile" else {}
-        reader = FeedReader(ctx.calibration.inputs, ctx.inputs, batch_size, index, equal_batches=True)
+        reader = FeedReader(ctx.calibration.inputs, ctx.inputs, batch_size, index, equal_batches=True,
+                            names=model_inputs(src))
         try:
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            use_external_data_format=is_large(src),
                             activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
                             calibrate_method=method, op_types_to_quantize=cfg.op_types,
                             nodes_to_exclude=cfg.nodes_to_exclude, extra_options=extra)
@@ -218,7 +220,8 @@ class Int8StaticTarget(Target):
         cal_index = evenly(n_cal, min(used, 4 * cfg.diagnose_samples))
         cal_batch = int(calibration.get("batch_size", cfg.calibration_batch_size))
         if cfg.calibration_method in ("entropy", "percentile"):
-            cal_index = cal_index[: len(cal_index) - len(cal_index) % cal_batch] if len(cal_index) >= cal_batch else cal_index
+            if len(cal_index) >= cal_batch:
+                cal_index = cal_index[: len(cal_index) - len(cal_index) % cal_batch]
             cal_batch = min(cal_batch, len(cal_index))
         reference = run_onnx(float_input, probe, ctx.inputs, batch)
         trials = []
@@ -325,7 +328,7 @@ class Int8DynamicTarget(Target):
             try:
                 quantize_dynamic(str(src), str(path), per_channel=per_channel,
                                  weight_type=_qtype(cfg.weight_type), op_types_to_quantize=cfg.op_types,
-                                 reduce_range=cfg.reduce_range)
+                                 reduce_range=cfg.reduce_range, use_external_data_format=is_large(src))
             except Exception as e:
                 raise TargetError.wrap("onnxruntime.quantization", "dynamic INT8 quantization", e,
                                        value=self.name) from None

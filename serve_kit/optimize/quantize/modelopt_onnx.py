@@ -174,12 +174,12 @@ class _ModeloptOnnxTarget(Target):
         if not (ops.get("DequantizeLinear") or ops.get("TRT_INT4DequantizeLinear")):
             raise TargetNotApplicable(f"Model Optimizer {self.mode} quantized nothing in this graph",
                                       value=self.name, hint="it skips MatMuls that TensorRT would run as a GEMV or "
-                                  "with K or N under 16 (no Tensor Core gain); op_types_to_quantize must name "
-                                  "ops the model has: " + ", ".join(sorted(count_ops(src))))
+                                      "with K or N under 16 (no Tensor Core gain); op_types_to_quantize must name "
+                                      "ops the model has: " + ", ".join(sorted(count_ops(src))))
         written = check_written(path, f"Model Optimizer {self.mode}")
         return Artifact(path, self.backend, {
-            "written_model": written, "quantizer": "nvidia-modelopt", "modelopt_version": _modelopt_version(), "mode": self.mode,
-            "calibration_method": cfg.calibration_method, "calibration_samples": n,
+            "quantizer": "nvidia-modelopt", "modelopt_version": _modelopt_version(), "mode": self.mode,
+            "calibration_method": cfg.calibration_method, "calibration_samples": n, "written_model": written,
             "high_precision_dtype": cfg.high_precision_dtype, "gemm_rewritten_as_matmul": rewritten,
             "nodes_kept_in_float": [*cfg.nodes_to_exclude, *cfg.keep_nodes], "ops": ops},
             backend_options=ort_options_for(path))

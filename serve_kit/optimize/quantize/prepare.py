@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ConversionError, TargetNotApplicable
+from . import save_model
 
 PER_CHANNEL_OPSET = 13
 """DequantizeLinear gained `axis` (per-channel scales) in opset 13."""
@@ -89,7 +90,8 @@ def _eval(node, args: list[np.ndarray | None]) -> np.ndarray | None:
         axis = attrs.get("axis", 1) % x.ndim
         shape = [1] * x.ndim
         shape[axis] = -1
-        return ((x.astype(np.float32) - zp.reshape(shape).astype(np.float32)) * scale.reshape(shape)).astype(scale.dtype)
+        deq = (x.astype(np.float32) - zp.reshape(shape).astype(np.float32)) * scale.reshape(shape)
+        return deq.astype(scale.dtype)
     if op == "Cast":
         return args[0].astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
     if op == "Identity":
@@ -265,7 +267,7 @@ def prepare_for_quantization(src: Path, dst: Path, *, per_channel: bool = True) 
             per_channel = False
     details["opset"]["quantized_at"] = default_opset(model)
     details["per_channel"] = per_channel
-    onnx.save(model, str(dst))
+    save_model(model, dst)
     return details
 
 
