@@ -139,20 +139,23 @@ def _build_vad(streams: int, seconds: float, seed: int, context: bool) -> dict[s
         # The ONNX models take the previous chunk's last 64 samples in front (zeros at the start).
         prev = np.concatenate([np.zeros((streams, 1, CHUNK), np.float32), chunks[:, :-1]], axis=1)
         chunks = np.concatenate([prev[..., -CONTEXT:], chunks], axis=-1)
-    arrays = {
+    if not context:
+        # The TorchScript file's forward(x, sr) keeps state and context inside the module, so it
+        # has no way to tell streams apart: its data are one stream, the streams one after another.
+        return {"x": np.ascontiguousarray(chunks.reshape(streams * n, -1)), "labels": labels.reshape(-1)}
+    return {
         "input": np.ascontiguousarray(chunks.reshape(streams * n, -1)),
+        # The recurrent state, batch on axis 1 ([2, N, 128]); zeros start each stream.
+        "state": np.zeros((2, streams * n, STATE_SIZE), np.float32),
         "sequence": np.repeat(np.arange(streams, dtype=np.int64), n),
         "labels": labels.reshape(-1),
     }
-    if context:
-        # The recurrent state, batch on axis 1 ([2, N, 128]); zeros start each stream.
-        arrays["state"] = np.zeros((2, streams * n, STATE_SIZE), np.float32)
-    return arrays
 
 
 def vad(streams: int = 2, seconds: float = 8.0, seed: int = 0, context: bool = True) -> Path:
     """Speech chunks for silero-vad: the ONNX files' layout (context=True: input [T,576], state
-    [2,T,128]) or the TorchScript file's (context=False: input [T,512], the model keeps its own)."""
+    [2,T,128], sequence [T] stream ids) or the TorchScript file's (context=False: x [T,512], one
+    stream; the module keeps its own state)."""
     return cached("vad", dict(streams=streams, seconds=seconds, seed=seed, context=context), _build_vad)
 
 
