@@ -86,6 +86,8 @@ def optimize(case: Case, workdir: Path, size: str = "ci", extra: tuple[str, ...]
            "--metric", case.metric, "--batch-sizes", "1"]
     for t in targets or case.targets:
         cmd += ["-t", t]
+    if case.keep_going:
+        cmd.append("--keep-going")
     cmd += list(extra)
     out_path, err_path = workdir / "stdout.txt", workdir / "stderr.txt"
     t0 = time.perf_counter()
