@@ -135,7 +135,7 @@ def contract_problems(run: Run) -> list[str]:
                     f"stderr: {run.stderr[-1500:]}"]
     rep = run.report
     rows = {v.get("name"): v for v in rep.get("variants", [])}
-    for t in run.case.targets:
+    for t in (t.split(":")[0] for t in run.case.targets):
         if t not in rows:
             p.append(f"target {t} has no row (rows: {sorted(rows)})")
     for name, v in rows.items():
