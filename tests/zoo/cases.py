@@ -21,8 +21,8 @@ QUANT = (*INT8, "onnx-int4")
 
 SIZES = {
     # (calibration, evaluation) sizes per data kind
-    "ci": {"vad": (2, 6.0, 2, 8.0), "rec": (48, 48), "det": (12, 12), "faces": (60, 60)},
-    "bench": {"vad": (4, 20.0, 4, 20.0), "rec": (200, 200), "det": (100, 50), "faces": (200, 300)},
+    "ci": {"vad": (2, 5.0, 2, 6.0), "rec": (24, 24), "det": (8, 8), "faces": (20, 20)},
+    "bench": {"vad": (4, 20.0, 4, 20.0), "rec": (200, 200), "det": (100, 50), "faces": (100, 150)},
 }
 
 
@@ -77,10 +77,8 @@ def _det(size):
 def _faces(px: int):
     def make(size):
         c, e = SIZES[size]["faces"]
-        # Calibration and evaluation crops differ in their non-face scenes (seeds); the LFW faces
-        # are few (100, mirrored: 200), so both sets hold them: the evaluation set is held out for
-        # calibration statistics only in its non-faces.
-        return data.faces(px, nonface_crops=c, seed=1), data.faces(px, nonface_crops=e, seed=2)
+        # Different LFW halves and scene crops: the evaluation set shares no image with calibration.
+        return data.faces(px, nonface_crops=c, seed=1, part=0), data.faces(px, nonface_crops=e, seed=2, part=1)
     return make
 
 

@@ -279,14 +279,17 @@ SCENES = ["coffee", "rocket", "brick", "grass", "gravel", "coins", "moon", "page
           "immunohistochemistry", "text", "camera"]
 
 
-def _build_faces(size: int, nonface_crops: int, seed: int) -> dict[str, np.ndarray]:
+def _build_faces(size: int, nonface_crops: int, seed: int, part: int) -> dict[str, np.ndarray]:
     import skimage.data as sd
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     lfw = (sd.lfw_subset() * 255).round().astype(np.uint8)  # 100 faces, then 100 non-faces (25x25)
-    faces = [*lfw[:100], *lfw[:100, :, ::-1]]
-    nonfaces = list(lfw[100:])
+    # part 0 and part 1 hold different halves of LFW's faces and non-faces: calibration and
+    # evaluation sets never share an image.
+    half = slice(0, 50) if part == 0 else slice(50, 100)
+    faces = [*lfw[:100][half], *lfw[:100][half, :, ::-1]]
+    nonfaces = list(lfw[100:][half])
     scenes = [getattr(sd, n)() for n in SCENES]
     for _ in range(nonface_crops):
         img = scenes[rng.integers(len(scenes))]
@@ -303,6 +306,9 @@ def _build_faces(size: int, nonface_crops: int, seed: int) -> dict[str, np.ndarr
     return {"input": np.ascontiguousarray(x[order]), "labels": labels[order]}
 
 
-def faces(size: int, nonface_crops: int = 100, seed: int = 0) -> Path:
-    """Face (1) / non-face (0) crops at size x size: input [N,3,size,size] in MTCNN's normalization."""
-    return cached(f"faces{size}", dict(size=size, nonface_crops=nonface_crops, seed=seed), _build_faces)
+def faces(size: int, nonface_crops: int = 50, seed: int = 0, part: int = 0) -> Path:
+    """Face (1) / non-face (0) crops at size x size: input [N,3,size,size] in MTCNN's normalization;
+    100 LFW faces (50 and their mirror images) and 50 LFW non-faces of `part` (0 or 1), plus
+    `nonface_crops` crops of skimage's scenes."""
+    return cached(f"faces{size}", dict(size=size, nonface_crops=nonface_crops, seed=seed, part=part),
+                  _build_faces)

@@ -109,8 +109,11 @@ def test_ocr_detector_finds_the_text_boxes():
 def test_mtcnn_tells_faces_from_non_faces(name, size):
     import torch
 
-    d = data.load(data.faces(size))
+    d = data.load(data.faces(size, part=1))
     assert d["input"].shape[1:] == (3, size, size) and 0.3 < d["labels"].mean() < 0.7
+    other = data.load(data.faces(size, part=0))
+    a, b = d["input"][d["labels"] == 1], other["input"][other["labels"] == 1]
+    assert not (a[:, None] == b[None]).all(axis=(2, 3, 4)).any()  # no face in both parts
     net = models.load(name)
     with torch.no_grad():
         prob = net(torch.from_numpy(d["input"]))[-1].numpy()
