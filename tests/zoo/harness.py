@@ -196,6 +196,8 @@ def served(repo: Path, model: str, timeout: float = 120):
             raise AssertionError(f"serve-kit serve did not get ready: {p.stderr.read()[-2000:]}")
         info = json.loads(lines[0])
         assert info.get("ready"), info
+        states = {m.get("name"): (m.get("state"), m.get("reason")) for m in info.get("models", [])}
+        assert states.get(model, ("READY",))[0] == "READY", f"{model} not serving: {states}"
         yield info["http"]
     finally:
         if p.poll() is None:
