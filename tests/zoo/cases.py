@@ -112,7 +112,7 @@ CASES = [
          served_samples=64),
     # The TorchScript file: forward(x, sr: int), its state kept inside the module.
     Case("vad-jit", lambda: str(asset("silero-jit")), _vad_data(False), ("torchscript", "onnx", "onnx-int8-dynamic"),
-         "zoo.metrics:vad_accuracy", lambda: ("--input", "x:FP32:-1x512", "--constant", "sr=16000"),
+         "zoo.metrics:vad_accuracy", lambda: ("--input", "x:FP32:-1x512", "--constant", "sr=16000", "--output", "output:FP32:-1x1"),
          constants={"sr": 16000}, reference="torchscript", served_samples=64),
     # PaddleOCR tiny models: opset 11, weights stored 8-bit and dequantized in the graph.
     Case("ocr-rec", lambda: str(asset("ocr-rec")), _rec, ("onnx", *QUANT), "zoo.metrics:ocr_char_accuracy",
