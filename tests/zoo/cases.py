@@ -51,6 +51,9 @@ class Case:
     reference: str = "onnx"
     """How the harness runs the original for the served check: onnx | torchscript | factory."""
     factory_net: str | None = None
+    min_reference_metric: float | None = None
+    """Floor for the reference's task metric in the report: serve-kit fed the original its real
+    data the right way (test_zoo_data.py measures the same models directly, well above it)."""
     served_samples: int = 16
     """Held-out requests sent to the served version (steps of every stream for stateful models)."""
     timeout_s: int = 600
@@ -99,35 +102,39 @@ CASES = [
     # silero-vad as shipped: the `If`-wrapped opset-16 graph, the op15 graph, the TorchScript file.
     Case("vad-onnx", lambda: str(asset("silero-onnx")), _vad_data(True), ("onnx", *QUANT),
          "zoo.metrics:vad_accuracy",
-         lambda: VAD_ONNX_FLAGS, constants={"sr": 16000}, state={"stateN": "state"}, served_samples=64),
+         lambda: VAD_ONNX_FLAGS, constants={"sr": 16000}, state={"stateN": "state"}, served_samples=64,
+         min_reference_metric=85),
     # The issue's case: INT8 static passed with a 0.98 probability error. It must now miss its
     # default gate, or pass honestly (served, its probabilities stay close): nothing else written.
     Case("vad-op15-int8", lambda: str(asset("silero-op15")), _vad_data(True), ("onnx-int8-static",),
          "zoo.metrics:vad_accuracy", lambda: VAD_ONNX_FLAGS, constants={"sr": 16000}, state={"stateN": "state"},
-         expect_written=False, keep_going=False, served_samples=64),
+         expect_written=False, keep_going=False, served_samples=64, min_reference_metric=85),
     Case("vad-op15", lambda: str(asset("silero-op15")), _vad_data(True),
          # -t with settings (contract 9): dynamic INT8 of the convolutions too.
          ("onnx", "onnx-int8-dynamic:op_types=Conv+MatMul", "onnx-int4"),
          "zoo.metrics:vad_accuracy", lambda: VAD_ONNX_FLAGS, constants={"sr": 16000}, state={"stateN": "state"},
-         served_samples=64),
-    # The TorchScript file: forward(x, sr: int), its state kept inside the module.
+         served_samples=64, min_reference_metric=85),
+    # The TorchScript file: forward(x, sr: int), its state kept inside the module. No floor for its
+    # reference metric: optimize evaluates it in batches of consecutive chunks, each batch taken as
+    # parallel streams by the module (66.6% where chunk by chunk gives 94.6%).
     Case("vad-jit", lambda: str(asset("silero-jit")), _vad_data(False), ("torchscript", "onnx", "onnx-int8-dynamic"),
          "zoo.metrics:vad_accuracy", lambda: ("--input", "x:FP32:-1x512", "--constant", "sr=16000", "--output", "output:FP32:-1x1"),
          constants={"sr": 16000}, reference="torchscript", served_samples=64),
     # PaddleOCR tiny models: opset 11, weights stored 8-bit and dequantized in the graph.
     Case("ocr-rec", lambda: str(asset("ocr-rec")), _rec, ("onnx", *QUANT), "zoo.metrics:ocr_char_accuracy",
-         served_samples=6),
+         served_samples=6, min_reference_metric=90),
     Case("ocr-det", lambda: str(asset("ocr-det")), _det, ("onnx", *INT8), "zoo.metrics:det_pixel_f1", rss_budget_mb=3072,
-         served_samples=4),
+         served_samples=4, min_reference_metric=55),
     # MTCNN from facenet-pytorch: factories over the wheel's classes, its state_dicts as --weights.
     Case("mtcnn-onet", lambda: "zoo.models:onet", _faces(48), ("torchscript", "onnx", *QUANT),
          "zoo.metrics:face_accuracy",
          _mtcnn_flags("onet", 48, ("box:FP32:-1x4", "landmarks:FP32:-1x10", "prob:FP32:-1x2")),
-         reference="factory", factory_net="onet"),
+         reference="factory", factory_net="onet", min_reference_metric=95),
     Case("mtcnn-rnet", lambda: "zoo.models:rnet", _faces(24), ("onnx", *INT8), "zoo.metrics:face_accuracy",
-         _mtcnn_flags("rnet", 24, ("box:FP32:-1x4", "prob:FP32:-1x2")), reference="factory", factory_net="rnet"),
+         _mtcnn_flags("rnet", 24, ("box:FP32:-1x4", "prob:FP32:-1x2")), reference="factory", factory_net="rnet",
+         min_reference_metric=95),
     Case("mtcnn-pnet", lambda: "zoo.models:pnet", _faces(12), ("onnx", "onnx-int8-static"), "zoo.metrics:face_accuracy",
          _mtcnn_flags("pnet", 12, ("box:FP32:-1x4x1x1", "prob:FP32:-1x2x1x1")), reference="factory",
-         factory_net="pnet"),
+         factory_net="pnet", min_reference_metric=95),
 ]
 BY_NAME = {c.name: c for c in CASES}

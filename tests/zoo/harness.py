@@ -152,6 +152,10 @@ def contract_problems(run: Run) -> list[str]:
             checks = (v.get("validation") or {}).get("checks") or []
             if not any(c.get("passed") is False for c in checks):
                 p.append(f"{name}: failed, but no check in validation.checks failed: {checks}")
+    ref_metric = (rep.get("reference") or {}).get("metric")
+    floor = run.case.min_reference_metric
+    if floor is not None and (ref_metric is None or ref_metric < floor):
+        p.append(f"reference metric {ref_metric} under {floor}: the original was not fed its data right")
     want = expected_exit(rep)
     if run.returncode != want:
         p.append(f"exit {run.returncode}, but contract 5 says {want} for rows "
