@@ -85,7 +85,8 @@ def optimize(case: Case, workdir: Path, size: str = "ci", extra: tuple[str, ...]
            *case.flags(), "--calibration-data", str(cal), "--eval-data", str(ev), "--label-key", "labels",
            "--metric", case.metric, "--batch-sizes", "1"]
     for t in targets or case.targets:
-        cmd += ["-t", t]
+        extra_settings = case.ci_settings.get(t) if size == "ci" else None
+        cmd += ["-t", t + ((":" if ":" not in t else ",") + extra_settings if extra_settings else "")]
     if case.keep_going:
         cmd.append("--keep-going")
     cmd += list(extra)
