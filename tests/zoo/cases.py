@@ -44,8 +44,10 @@ class Case:
     constants: dict[str, int] = field(default_factory=dict)
     state: dict[str, str] = field(default_factory=dict)
     """OUTPUT -> INPUT fed back at the next chunk (the --state flags)."""
-    rss_budget_mb: int = 2048
-    """Peak RSS of the whole `serve-kit optimize` process at size "ci"."""
+    rss_budget_mb: int = 1536
+    """Peak RSS of the whole `serve-kit optimize` process at size "ci" (measured on the merged
+    branches, 2026-12-03: VAD 190 MB, MTCNN 450-580 MB, OCR recognizer 1.4 GB, detector 1.9 GB
+    with 12 pages)."""
     expect_written: bool = True
     """False where every target may honestly miss its gate (exit 3 is then a right answer)."""
     keep_going: bool = True
@@ -125,7 +127,7 @@ CASES = [
          constants={"sr": 16000}, reference="torchscript", served_samples=64),
     # PaddleOCR tiny models: opset 11, weights stored 8-bit and dequantized in the graph.
     Case("ocr-rec", lambda: str(asset("ocr-rec")), _rec, ("onnx", *QUANT), "zoo.metrics:ocr_char_accuracy",
-         ci_settings={"onnx-int8-static": "max_diagnose_rounds=1"},
+         ci_settings={"onnx-int8-static": "max_diagnose_rounds=1"}, rss_budget_mb=2048,
          served_samples=6, min_reference_metric=90),
     Case("ocr-det", lambda: str(asset("ocr-det")), _det, ("onnx", *INT8), "zoo.metrics:det_pixel_f1",
          ci_settings={"onnx-int8-static": "max_diagnose_rounds=1"}, rss_budget_mb=3072,
