@@ -107,24 +107,24 @@ CASES = [
     # silero-vad as shipped: the `If`-wrapped opset-16 graph, the op15 graph, the TorchScript file.
     Case("vad-onnx", lambda: str(asset("silero-onnx")), _vad_data(True), ("onnx", *QUANT),
          "zoo.metrics:vad_accuracy",
-         lambda: VAD_ONNX_FLAGS, constants={"sr": 16000}, state={"stateN": "state"}, served_samples=64,
+         lambda: VAD_ONNX_FLAGS, constants={"sr": 16000}, state={"stateN": "state"}, served_samples=64, rss_budget_mb=768,
          min_reference_metric=85),
     # The case: INT8 static passed with a 0.98 probability error. It must now miss its
     # default gate, or pass honestly (served, its probabilities stay close): nothing else written.
     Case("vad-op15-int8", lambda: str(asset("silero-op15")), _vad_data(True), ("onnx-int8-static",),
          "zoo.metrics:vad_accuracy", lambda: VAD_ONNX_FLAGS, constants={"sr": 16000}, state={"stateN": "state"},
-         expect_written=False, keep_going=False, served_samples=64, min_reference_metric=85),
+         expect_written=False, keep_going=False, served_samples=64, min_reference_metric=85, rss_budget_mb=768),
     Case("vad-op15", lambda: str(asset("silero-op15")), _vad_data(True),
          # -t with settings (contract 9): dynamic INT8 of the convolutions too.
          ("onnx", "onnx-int8-dynamic:op_types=Conv+MatMul", "onnx-int4"),
          "zoo.metrics:vad_accuracy", lambda: VAD_ONNX_FLAGS, constants={"sr": 16000}, state={"stateN": "state"},
-         served_samples=64, min_reference_metric=85),
+         served_samples=64, min_reference_metric=85, rss_budget_mb=768),
     # The TorchScript file: forward(x, sr: int), its state kept inside the module. No floor for its
     # reference metric: optimize evaluates it in batches of consecutive chunks, each batch taken as
     # parallel streams by the module (66.6% where chunk by chunk gives 94.6%).
     Case("vad-jit", lambda: str(asset("silero-jit")), _vad_data(False), ("torchscript", "onnx", "onnx-int8-dynamic"),
          "zoo.metrics:vad_accuracy", lambda: ("--input", "x:FP32:-1x512", "--constant", "sr=16000", "--output", "output:FP32:-1x1"),
-         constants={"sr": 16000}, reference="torchscript", served_samples=64),
+         constants={"sr": 16000}, reference="torchscript", served_samples=64, rss_budget_mb=1024),
     # PaddleOCR tiny models: opset 11, weights stored 8-bit and dequantized in the graph.
     Case("ocr-rec", lambda: str(asset("ocr-rec")), _rec, ("onnx", *QUANT), "zoo.metrics:ocr_char_accuracy",
          ci_settings={"onnx-int8-static": "max_diagnose_rounds=1"}, rss_budget_mb=2048,
