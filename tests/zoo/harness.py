@@ -170,6 +170,8 @@ def contract_problems(run: Run) -> list[str]:
         per_version = run.repo / run.case.name / str(written.get("version")) / "optimize-report.json"
         if not per_version.is_file():
             p.append(f"a version was written but {per_version} does not exist")
+        elif path and Path(path).resolve() != per_version.resolve():
+            p.append(f"report_path {path} is not the per-version report {per_version}")
         for model_file in per_version.parent.glob("*.onnx"):
             import onnx
 
@@ -177,8 +179,6 @@ def contract_problems(run: Run) -> list[str]:
                 onnx.checker.check_model(str(model_file))
             except Exception as e:
                 p.append(f"written {model_file} fails onnx.checker: {str(e).splitlines()[0][:300]}")
-        elif path and Path(path).resolve() != per_version.resolve():
-            p.append(f"report_path {path} is not the per-version report {per_version}")
     elif path and Path(path).parent.name != ".runs":
         p.append(f"nothing written, but report_path {path} is not under .runs")
     if path and not Path(path).is_file():
