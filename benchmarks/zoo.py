@@ -62,9 +62,33 @@ def _bench(run: harness.Run, workdir: Path) -> dict | None:
     if done.returncode != 0:
         return {"exit": done.returncode, "stderr": done.stderr[-2000:]}
     try:
-        return json.loads(done.stdout)
+        doc = json.loads(done.stdout)
     except ValueError:
         return {"exit": done.returncode, "stdout": done.stdout[-2000:]}
+    return {"exit": 0, "agreement": agreement(run, doc), "results": [
+        {k: r.get(k) for k in ("key", "p50_ms", "p99_ms", "stable", "throughput")} for r in doc.get("results", [])]}
+
+
+def agreement(run: harness.Run, bench: dict) -> dict:
+    """The written variant's p50 at batch 1 in optimize's table against `serve-kit bench` on the
+    written version; for a PyTorch source also the speedup over eager each reports."""
+    w = run.report["written"]
+    row = run.row(w["variant"]) or {}
+    opt_p50 = ((row.get("latency") or {}).get("1") or {}).get("p50_ms")
+    ref_p50 = (((run.report.get("reference") or {}).get("latency") or {}).get("1") or {}).get("p50_ms")
+    mine = [r for r in bench.get("results", []) if r.get("version") == w["version"] and r.get("batch_size") == 1]
+    version = next((r for r in mine if not r["key"].endswith("/eager/b1")), None)
+    eager = next((r for r in mine if r["key"].endswith("/eager/b1")), None)
+    out = {"variant": w["variant"], "optimize_p50_ms": opt_p50,
+           "bench_p50_ms": version and version.get("p50_ms"), "bench_stable": version and version.get("stable")}
+    if opt_p50 and out["bench_p50_ms"]:
+        out["p50_ratio_bench_over_optimize"] = out["bench_p50_ms"] / opt_p50
+    if eager and version and eager.get("p50_ms") and version.get("p50_ms"):
+        out["bench_speedup_over_eager"] = eager["p50_ms"] / version["p50_ms"]
+        out["optimize_speedup"] = (row.get("speedup") or {}).get("1")
+        out["optimize_reference_p50_ms"] = ref_p50
+        out["bench_eager_p50_ms"] = eager["p50_ms"]
+    return out
 
 
 def compare_repeats(a: dict, b: dict) -> dict[str, dict]:
