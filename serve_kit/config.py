@@ -66,7 +66,24 @@ class TensorSpec(_Strict):
     datatype: Datatype
     """Open Inference Protocol datatype (FP32, INT64, ...)."""
     shape: list[int]
-    """Full shape including the batch dimension (first, -1) when the model batches; -1 = variable."""
+    """Full shape including the batch dimension (-1 at `batch_axis`) when the model batches;
+    -1 = variable; [] = a scalar (rank 0)."""
+    batch_axis: int | None = 0
+    """Which dimension of `shape` counts samples (state tensors of recurrent models often carry
+    theirs on axis 1, e.g. [2, -1, 128]); None = the tensor has no batch axis (a scalar or a
+    fixed tensor, fed whole to every call and never split into samples)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_axis(cls, data: Any) -> Any:
+        # Unsaid, the batch axis is the first dimension when that one is variable; a scalar or a
+        # tensor whose first dimension is fixed has none (config.yaml files of unbatched models,
+        # written before batch_axis existed, keep loading as they were).
+        if isinstance(data, dict) and data.get("batch_axis", ...) is ... and isinstance(data.get("shape"), list):
+            shape = data["shape"]
+            if not shape or shape[0] != -1:
+                data = {**data, "batch_axis": None}
+        return data
 
     @field_validator("shape")
     @classmethod
@@ -76,30 +93,66 @@ class TensorSpec(_Strict):
                 raise ValueError(f"dimension {d} is invalid: use a positive size or -1 for variable")
         return v
 
+    @model_validator(mode="after")
+    def _axis(self) -> "TensorSpec":
+        a = self.batch_axis
+        if a is not None:
+            if not 0 <= a < len(self.shape):
+                raise ValueError(f"batch_axis {a} is not a dimension of shape {self.shape} (rank "
+                                 f"{len(self.shape)}); use @none for a tensor without batch axis")
+            if self.shape[a] != -1:
+                raise ValueError(f"dimension {a} of shape {self.shape} is the batch axis and must be -1 "
+                                 f"(variable); use @none for a tensor fed whole")
+        return self
+
     @property
     def dtype(self) -> np.dtype:
         return numpy_dtype(self.datatype)
 
+    @property
+    def batched(self) -> bool:
+        return self.batch_axis is not None
+
     def sample_shape(self) -> list[int]:
-        """Shape without the batch dimension."""
-        return self.shape[1:]
+        """Shape without the batch dimension (the whole shape when there is none)."""
+        if self.batch_axis is None:
+            return list(self.shape)
+        return self.shape[:self.batch_axis] + self.shape[self.batch_axis + 1:]
 
     def describe(self) -> str:
-        return f"{self.name}:{self.datatype}:{'x'.join(str(d) for d in self.shape)}"
+        """The text `parse` reads back: `name:DATATYPE:SHAPE[@AXIS|@none]`."""
+        shape = "x".join(str(d) for d in self.shape) if self.shape else "scalar"
+        if self.batch_axis is None:
+            axis = "@none" if self.shape and self.shape[0] == -1 else ""
+        else:
+            axis = "" if self.batch_axis == 0 else f"@{self.batch_axis}"
+        return f"{self.name}:{self.datatype}:{shape}{axis}"
 
     @classmethod
     def parse(cls, text: str, origin: str = "--input") -> "TensorSpec":
-        """Parse `name:DATATYPE:d0xd1x...`, e.g. `input:FP32:-1x1x8x8`."""
-        m = re.fullmatch(r"([^:]+):([A-Za-z0-9]+):(-?\d+(?:x-?\d+)*)", text.strip())
+        """Parse `name:DATATYPE:SHAPE[@AXIS]`: `input:FP32:-1x1x8x8` (batch first),
+        `state:FP32:2x-1x128@1` (batch on axis 1), `x:FP32:3x4@none` (no batch axis, fed whole),
+        `sr:INT64:scalar` (rank 0)."""
+        m = re.fullmatch(r"([^:]+):([A-Za-z0-9]+):(scalar|-?\d+(?:x-?\d+)*)(?:@(none|\d+))?",
+                         text.strip(), flags=re.IGNORECASE)
         if not m:
-            raise UsageError("tensor spec is not NAME:DATATYPE:SHAPE", value=text, origin=origin,
-                             hint="e.g. input:FP32:-1x1x8x8 (-1 marks a variable dimension, first is the batch)")
-        name, dt, shape = m.group(1), m.group(2).upper(), [int(d) for d in m.group(3).split("x")]
+            raise UsageError("tensor spec is not NAME:DATATYPE:SHAPE[@AXIS]", value=text, origin=origin,
+                             hint="e.g. input:FP32:-1x1x8x8 (-1 marks a variable dimension, the first is the "
+                                  "batch), state:FP32:2x-1x128@1 (batch on axis 1), x:FP32:3x4@none (no batch "
+                                  "axis), sr:INT64:scalar (rank 0)")
+        name, dt = m.group(1), m.group(2).upper()
+        shape = [] if m.group(3).lower() == "scalar" else [int(d) for d in m.group(3).split("x")]
+        data: dict[str, Any] = {"name": name, "datatype": dt, "shape": shape}
+        if m.group(4) is not None:
+            data["batch_axis"] = None if m.group(4).lower() == "none" else int(m.group(4))
         try:
-            return cls(name=name, datatype=dt, shape=shape)
+            return cls(**data)
         except ValidationError as e:
+            hint = "datatypes: " + ", ".join(DATATYPES)
+            if "batch" in str(e):
+                hint = "the batch axis (@AXIS, default 0) must be a -1 dimension; @none = no batch axis"
             raise UsageError(f"tensor spec {text!r} is invalid: {_first_error(e)}", origin=origin,
-                             hint="datatypes: " + ", ".join(DATATYPES)) from None
+                             hint=hint) from None
 
 
 class Padding(_Strict):
@@ -204,7 +257,9 @@ class ModelConfig(_Strict):
     backend: Literal["onnxruntime", "torchscript", "tensorrt"]
     """Backend of the latest version; each version's manifest.json names its own."""
     max_batch_size: int = Field(default=0, ge=0)
-    """Largest batch the model accepts; 0 = the model does not batch (no batch dimension)."""
+    """Largest batch the model accepts; 0 = the server does not batch requests together: each
+    request is run alone and shapes are full shapes (Triton's meaning), which is what models
+    with scalar inputs or a batch axis other than the first are served as."""
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     dynamic_batching: DynamicBatching | None = None
@@ -218,9 +273,13 @@ class ModelConfig(_Strict):
     def _batch_dim(self) -> "ModelConfig":
         if self.max_batch_size > 0:
             for t in [*self.inputs, *self.outputs]:
-                if not t.shape or t.shape[0] != -1:
-                    raise ValueError(f"tensor {t.name!r} must have -1 as its first (batch) dimension "
-                                     f"when max_batch_size > 0, got shape {t.shape}")
+                if t.batch_axis != 0 or not t.shape or t.shape[0] != -1:
+                    why = ("it has no batch axis" if t.batch_axis is None and t.shape and t.shape[0] == -1 else
+                           f"its batch axis is {t.batch_axis}" if t.batch_axis else "")
+                    raise ValueError(f"tensor {t.name!r} must have -1 as its first (batch) dimension when "
+                                     f"max_batch_size > 0, got shape {t.shape}" + (f" ({why})" if why else "")
+                                     + "; a model with scalar inputs or another batch axis is served with "
+                                       "max_batch_size 0 (unbatched, full shapes)")
         pad = self.dynamic_batching.padding if self.dynamic_batching else None
         if pad is not None:
             if self.max_batch_size == 0:
@@ -497,6 +556,11 @@ class Recipe(_Strict):
     """Per precision (`fp32`, `int8`, `int4`) overrides of the default gates."""
     latency: LatencySpec = Field(default_factory=LatencySpec)
     repository: RepositorySpec = Field(default_factory=RepositorySpec)
+    constants: dict[str, Any] = Field(default_factory=dict)
+    """Input name -> value baked into the model (as `--constant NAME=VALUE`): a number, bool,
+    string or list; the input leaves the served signature."""
+    state: dict[str, str] = Field(default_factory=dict)
+    """Output name -> the input it feeds at the next call (as `--state OUTPUT=INPUT`)."""
 
     @field_validator("targets", mode="before")
     @classmethod

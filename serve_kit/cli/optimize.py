@@ -36,7 +36,9 @@ def optimize(
     model_name: Optional[str] = typer.Option(None, "--name", help="Model name in the repository."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights for a factory: .safetensors or a state_dict "
                                                                   "(loaded with weights_only=True)."),
-    inputs: list[str] = typer.Option([], "--input", help="Input spec NAME:DATATYPE:SHAPE, e.g. input:FP32:-1x1x8x8 "
+    inputs: list[str] = typer.Option([], "--input", help="Input spec NAME:DATATYPE:SHAPE[@AXIS], e.g. "
+                                                         "input:FP32:-1x1x8x8, state:FP32:2x-1x128@1 (batch on axis 1), "
+                                                         "x:FP32:3x4@none (no batch axis), sr:INT64:scalar "
                                                          "(repeat per input)."),
     outputs: list[str] = typer.Option([], "--output", help="Output spec NAME:DATATYPE:SHAPE (repeat per output)."),
     targets: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat), with settings if wanted: "
@@ -61,6 +63,13 @@ def optimize(
     keep_going: bool = typer.Option(False, "--keep-going", help="Write the fastest passing variant even when "
                                                                 "others miss their gate (exit 0)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Latency batch sizes, e.g. 1,32."),
+    # -- model shapes (optimize/signature.py) --
+    constants: list[str] = typer.Option([], "--constant", help="Bake an input or forward() argument into the model: "
+                                                               "NAME=VALUE (a number, bool, string or JSON list), e.g. "
+                                                               "sr=16000; it leaves the served signature (repeat)."),
+    state: list[str] = typer.Option([], "--state", help="OUTPUT=INPUT: the output feeds the input at the next call, "
+                                                        "e.g. stateN=state; data are then consecutive chunks of "
+                                                        "streams, run closed-loop (repeat)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Where to write report.json (default: "
                                                                  "<repository>/<model>/optimize-report.json)."),
 ) -> None:
@@ -73,6 +82,7 @@ def optimize(
 
     job = _build_job(model, recipe, repository, model_name, weights, inputs, outputs, targets, calibration_data,
                      eval_data, label_key, metric, allow_synthetic, gate, select, keep_going, batch_sizes, report)
+    _shapes_options(job, constants, state)
     result = run_with_progress(run, job)
     show(result, render)
     if result.get("selection_error"):
@@ -137,7 +147,16 @@ def _build_job(model, recipe, repository, model_name, weights, inputs, outputs, 
         targets=target_specs, gates=gates, latency=latency,
         repo_spec=r.repository if r else RepositorySpec(),
         model_name=model_name, select=select, keep_going=keep_going, recipe=r.name if r else None,
-        report_path=report)
+        report_path=report,
+        constants=dict(r.constants) if r else {}, state=dict(r.state) if r else {})
+
+
+def _shapes_options(job, constants: list[str], state: list[str]) -> None:
+    """--constant and --state (checked here, before any work; applied by optimize/signature.py)."""
+    from ..optimize.signature import parse_constants, parse_state
+
+    job.constants = {**job.constants, **parse_constants(constants)}
+    job.state = {**job.state, **parse_state(state)}
 
 
 def _fmt_ms(v: dict | None, b: str) -> str:
