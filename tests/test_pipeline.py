@@ -63,7 +63,14 @@ def test_writes_the_fastest_passing_variant_with_a_complete_manifest(tmp_path, n
         x, ref = z["input.x"], z["reference.output_0"]
     expected = sk_models.mlp()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(ref, expected, rtol=1e-5, atol=1e-5)
-    assert json.loads((tmp_path / "repo" / "mlp" / "optimize-report.json").read_text())["written"]["version"] == 1
+    # the run's report is kept inside the version (hashed with it) and in the run log
+    kept = json.loads((info.path / "optimize-report.json").read_text())
+    assert kept["written"]["version"] == 1 and kept["report_path"] == str(info.path / "optimize-report.json")
+    assert report["report_path"] == kept["report_path"] and kept["exit_code"] == 0
+    runs = list((tmp_path / "repo" / "mlp" / ".runs").glob("*.json"))
+    assert [str(p) for p in runs] == [report["run_report_path"]]
+    assert json.loads(runs[0].read_text())["written"]["version"] == 1
+    assert not (tmp_path / "repo" / "mlp" / "optimize-report.json").exists()  # no shared file any more
 
 
 def test_a_strict_gate_fails_closed_and_leaves_earlier_versions_untouched(tmp_path, npz):

@@ -25,9 +25,9 @@ from .. import __version__
 from ..bench.offline import measure
 from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, ModelConfig, RepositorySpec, SourceSpec,
                       TargetSpec, TensorSpec, datatype_of, parse_model)
-from ..errors import DataError, InputError, ServeKitError, UsageError
+from ..errors import DataError, InputError, ServeKitError, TargetNotApplicable, TargetUnavailable, UsageError
 from ..progress import ProgressSink
-from ..repository import SAMPLES, Repository, atomic_write_text, load_model_config, write_samples
+from ..repository import REPORT, SAMPLES, Repository, atomic_write_text, load_model_config, write_samples
 from ..runtime.backends import load_backend
 from . import calibration as cal
 from .source import Source, load_source
@@ -36,7 +36,7 @@ from .validate import Metric, run_batched, validate
 
 DEFAULT_TARGETS = ["torchscript", "onnx", "onnx-int8-static", "onnx-int8-dynamic", "onnx-int4"]
 SAMPLES_STORED = 8
-REPORT_NAME = "optimize-report.json"
+REPORT_NAME = REPORT
 BUILD_CACHE = ".build-cache"
 """Beside config.yaml: caches that make rebuilds repeatable and fast (TensorRT's timing cache)."""
 
@@ -59,6 +59,8 @@ class OptimizeJob:
     keep_going: bool = False
     recipe: str | None = None
     report_path: Path | None = None
+    strict: bool = False
+    """Targets that do not apply or cannot run here count as errors (block writing, exit 1)."""
 
 
 def tool_versions() -> dict[str, str]:
@@ -179,7 +181,45 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     # the minutes the others take.
     target_specs = job.targets or [TargetSpec(name=n) for n in DEFAULT_TARGETS]
     targets = [target_class(spec.name)(spec.config) for spec in target_specs]
+    model_name = job.model_name or job.repo_spec.model_name or job.recipe or "model"
     started = time.time()
+    report: dict[str, Any] = {
+        "serve_kit": __version__, "recipe": job.recipe, "model": model_name,
+        "repository": str(job.repository), "tools": tool_versions(), "select": job.select,
+        "keep_going": job.keep_going, "strict": job.strict, "started_unix": started, "variants": [], "written": None,
+        "run_report_path": str(Repository(job.repository).run_report_path(model_name)),
+    }
+    # The report is written whatever happens (a bug, Ctrl-C, a bad input found halfway): a run
+    # that cost minutes must leave its record (contract 6).
+    try:
+        _run(job, progress, target_specs, targets, model_name, report)
+    except BaseException as e:
+        report["aborted"] = _aborted(e)
+        raise
+    finally:
+        report["seconds"] = round(time.time() - started, 2)
+        report["exit_code"] = report.get("aborted", {}).get("exit_code", outcome(report, job.strict))
+        _write_report(job, model_name, report)
+    return report
+
+
+def _aborted(e: BaseException) -> dict[str, Any]:
+    """Why a run stopped before its end (the report's `aborted`)."""
+    import traceback
+
+    from ..errors import EXIT_ERROR, EXIT_INTERRUPTED
+
+    if isinstance(e, KeyboardInterrupt):
+        return {"status": "interrupted", "error": "interrupted (Ctrl-C)", "exit_code": EXIT_INTERRUPTED}
+    if isinstance(e, ServeKitError):
+        return {"status": "error", "error": e.render(), "exit_code": e.exit_code}
+    return {"status": "bug", "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:500]}",
+            "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)), "exit_code": EXIT_ERROR}
+
+
+def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec], targets: list[Target],
+         model_name: str, report: dict[str, Any]) -> None:
+    """The pipeline's steps; fills `report` as it goes (so that an abort leaves what was done)."""
     with progress.task("load source model"):
         source = load_source(job.source)
 
@@ -218,6 +258,10 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
             progress.warn(f"{ds.origin}: synthetic data")
 
     # -- reference ------------------------------------------------------------------------------
+    report.update({"source": source.describe(),
+                   "inputs": [s.model_dump() for s in inputs], "outputs": [s.model_dump() for s in outputs],
+                   "calibration": split.calibration.describe(), "evaluation": split.evaluation.describe(),
+                   "metric": job.metric})
     metric = Metric(job.metric) if job.metric else None
     if metric and split.evaluation.labels is None:
         raise DataError(f"metric {job.metric!r} needs labels, and the evaluation data have none",
@@ -225,16 +269,7 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     with progress.task(f"reference outputs ({source.reference_name})", len(split.evaluation)) as adv:
         ref_out = run_batched(source.run, split.evaluation, advance=adv)
     ref_metric = metric(ref_out, split.evaluation.labels) if metric else None
-
-    model_name = job.model_name or job.repo_spec.model_name or job.recipe or "model"
-    report: dict[str, Any] = {
-        "serve_kit": __version__, "recipe": job.recipe, "model": model_name,
-        "repository": str(job.repository), "source": source.describe(),
-        "inputs": [s.model_dump() for s in inputs], "outputs": [s.model_dump() for s in outputs],
-        "calibration": split.calibration.describe(), "evaluation": split.evaluation.describe(),
-        "metric": job.metric, "reference": {"name": source.reference_name, "metric": ref_metric},
-        "tools": tool_versions(), "variants": [],
-    }
+    report["reference"] = {"name": source.reference_name, "metric": ref_metric}
 
     workdir = Path(tempfile.mkdtemp(prefix="serve-kit-optimize-"))
     try:
@@ -248,6 +283,7 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
             report["variants"].append(record)
             if artifact is not None:
                 built[spec.name] = artifact
+            gc.collect()
 
         # -- latency -----------------------------------------------------------------------------
         # One runner loaded at a time: an ONNX Runtime session that just ran keeps its pool
@@ -260,46 +296,104 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
         latency: dict[str, dict[str, Any]] = {}
         with progress.task("measure latency", len(runners) * len(sizes)) as adv:
             for name, make in runners.items():
-                fn = make()
-                latency[name] = {}
-                for b in sizes:
-                    latency[name][str(b)] = measure(fn, split.evaluation.tiled(b), b, job.latency.min_seconds).to_dict()
-                    adv(1)
-                del fn
+                try:
+                    fn = make()
+                    latency[name] = {}
+                    for b in sizes:
+                        latency[name][str(b)] = measure(fn, split.evaluation.tiled(b), b,
+                                                        job.latency.min_seconds).to_dict()
+                        adv(1)
+                except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the run
+                    latency.pop(name, None)
+                    _latency_failed(report, name, e, progress)
+                fn = None
                 gc.collect()
-        ref_lat = latency[source.reference_name]
+        ref_lat = latency.get(source.reference_name)
         report["reference"]["latency"] = ref_lat
         for rec in report["variants"]:
             if rec["name"] in latency:
                 rec["latency"] = latency[rec["name"]]
-                rec["speedup"] = {b: ref_lat[b]["p50_ms"] / v["p50_ms"] for b, v in latency[rec["name"]].items()}
+                if ref_lat:
+                    rec["speedup"] = {b: ref_lat[b]["p50_ms"] / v["p50_ms"] for b, v in latency[rec["name"]].items()}
 
         # -- selection and write -----------------------------------------------------------------
-        passed = [r for r in report["variants"] if r["status"] == "passed"]
-        failed = [r for r in report["variants"] if r["status"] in ("failed", "error")]
-        report["gate_failed"] = [r["name"] for r in report["variants"] if r["status"] == "failed"]
-        report["errors"] = [r["name"] for r in report["variants"] if r["status"] == "error"]
-        chosen = None
-        if job.select not in ("fastest", "none"):
-            chosen = next((r for r in passed if r["name"] == job.select), None)
-            if chosen is None:
-                status = next((r["status"] for r in report["variants"] if r["name"] == job.select), "not run")
-                report["selection_error"] = f"--select {job.select}: that variant {status}"
-        elif job.select == "fastest" and passed:
-            chosen = min(passed, key=lambda r: _geomean([v["p50_ms"] for v in r["latency"].values()]))
-        report["selected"] = chosen["name"] if chosen else None
-        report["written"] = None
-        if chosen and (not failed or job.keep_going):
-            report["written"] = _write_version(job, model_name, chosen, built[chosen["name"]], report,
-                                               split.evaluation, ref_out)
-        elif chosen:
-            report["not_written_because"] = ("variants failed: " + ", ".join(r["name"] for r in failed)
-                                             + " (use --keep-going to write the fastest passing one anyway)")
+        _select_and_write(job, model_name, report, built, split.evaluation, ref_out)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report["seconds"] = round(time.time() - started, 2)
-    _write_report(job, model_name, report)
-    return report
+
+
+def _latency_failed(report: dict[str, Any], name: str, e: Exception, progress: ProgressSink) -> None:
+    row = failure_row(e, "latency")
+    if name == report["reference"]["name"]:
+        report["reference"]["latency_error"] = row
+        progress.log(f"{name}: latency not measured: {row['error']}", "red")
+        return
+    rec = next(r for r in report["variants"] if r["name"] == name)
+    rec.pop("latency", None)
+    # A variant that breaks on the latency inputs (other batch sizes) would break when served.
+    rec.update(row)
+    _log_row(progress, name, rec)
+
+
+BLOCKING = ("failed", "error", "bug")
+"""Row statuses that block writing without --keep-going (fail-closed; contract 5)."""
+
+
+def blocking_rows(report: dict[str, Any], strict: bool) -> list[dict[str, Any]]:
+    """The rows that keep a run from writing unless --keep-going: missed gates, errors and bugs;
+    under --strict also targets that did not apply or could not run here."""
+    statuses = BLOCKING + (("not-applicable", "unavailable") if strict else ())
+    return [r for r in report["variants"] if r["status"] in statuses]
+
+
+def outcome(report: dict[str, Any], strict: bool = False) -> int:
+    """The exit code of a run (contract 5; README "Exit codes"):
+
+    1 if any row is `bug`; else 0 if a version was written; else 3 if any row missed its gate;
+    else 1 (errors, or no target applied). With `--select none` (validate only) nothing is meant
+    to be written: 0 unless a row failed, erred or (under --strict) did not apply.
+    """
+    from ..errors import EXIT_ERROR, EXIT_GATE, EXIT_OK
+
+    rows = report.get("variants") or []
+    if any(r["status"] == "bug" for r in rows):
+        return EXIT_ERROR
+    if report.get("written"):
+        return EXIT_OK
+    if any(r["status"] == "failed" for r in rows):
+        return EXIT_GATE
+    if report.get("select") == "none" and not blocking_rows(report, strict) and rows:
+        return EXIT_OK
+    return EXIT_ERROR
+
+
+def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any], built: dict[str, Artifact],
+                      evaluation: cal.Dataset, ref_out: dict[str, np.ndarray]) -> None:
+    variants = report["variants"]
+    passed = [r for r in variants if r["status"] == "passed"]
+    blocking = blocking_rows(report, job.strict)
+    report["gate_failed"] = [r["name"] for r in variants if r["status"] == "failed"]
+    report["errors"] = [r["name"] for r in variants if r["status"] in ("error", "bug")]
+    if job.strict:
+        report["strict_blocking"] = [r["name"] for r in variants if r["status"] in ("not-applicable", "unavailable")]
+    chosen = None
+    if job.select not in ("fastest", "none"):
+        chosen = next((r for r in passed if r["name"] == job.select), None)
+        if chosen is None:
+            status = next((r["status"] for r in variants if r["name"] == job.select), "not run")
+            report["selection_error"] = f"--select {job.select}: that variant {status}"
+    elif job.select == "fastest" and passed:
+        timed = [r for r in passed if r.get("latency")]
+        chosen = min(timed, key=lambda r: _geomean([v["p50_ms"] for v in r["latency"].values()])) if timed else None
+    report["selected"] = chosen["name"] if chosen else None
+    if chosen and (not blocking or job.keep_going):
+        report["written"] = _write_version(job, model_name, chosen, built[chosen["name"]], report,
+                                           evaluation, ref_out)
+    elif chosen:
+        report["not_written_because"] = (", ".join(f"{r['name']} {r['status']}" for r in blocking)
+                                         + " (use --keep-going to write the fastest passing one anyway)")
+    elif job.select != "none" and not report.get("selection_error"):
+        report["not_written_because"] = "no variant passed its gate"
 
 
 def _served_max_batch(job: OptimizeJob, model_name: str) -> int:
@@ -317,46 +411,117 @@ def _backend_for(artifact: Artifact, inputs: list[TensorSpec], outputs: list[Ten
 def _run_target(job: OptimizeJob, spec: TargetSpec, target: Target, ctx: BuildContext, evaluation: cal.Dataset,
                 ref_out: dict[str, np.ndarray], metric: Metric | None, ref_metric: float | None,
                 progress: ProgressSink) -> tuple[dict[str, Any], Artifact | None]:
+    """Build, load and validate one target (retrying with the target's own suggestions after a
+    missed gate). Never raises for what happens inside the target: every outcome is a row
+    (contract: `passed | failed | not-applicable | unavailable | error | bug`)."""
     cls = type(target)
     record: dict[str, Any] = {"name": spec.name, "precision": cls.precision, "backend": cls.backend,
                               "config": target.config.model_dump()}
-    reason = target.unavailable_reason(ctx.source)
-    if reason:
-        record.update(status="unavailable", reason=reason)
-        progress.log(f"{spec.name}: unavailable: {reason}", "dim")
-        return record, None
-    gate, gate_origin = _gate_for(job, cls.precision, spec)
-    record["gate_origin"] = gate_origin
-    attempt, history = 0, []
-    while True:
-        attempt += 1
-        outdir = ctx.workdir / f"{spec.name}-{attempt}"
-        t0 = time.perf_counter()
-        try:
+    attempt, history, phase = 0, [], "check"
+    try:
+        reason = target.unavailable_reason(ctx.source)
+        if reason:
+            record.update(status="unavailable", reason=reason)
+            progress.log(f"{spec.name}: unavailable: {reason}", "dim")
+            return record, None
+        gate, gate_origin = _gate_for(job, cls.precision, spec)
+        record["gate_origin"] = gate_origin
+        while True:
+            attempt += 1
+            record["attempts"] = attempt
+            outdir = ctx.workdir / f"{spec.name}-{attempt}"
+            t0 = time.perf_counter()
+            phase = "build"
             with progress.task(f"build {spec.name}" + (f" (attempt {attempt})" if attempt > 1 else "")):
                 artifact = target.build(ctx, outdir)
-        except ServeKitError as e:
-            record.update(status="error", error=e.render(), attempts=attempt)
-            progress.log(f"{spec.name}: {e.render()}", "red")
-            return record, None
-        build_s = time.perf_counter() - t0
-        backend = _backend_for(artifact, ctx.inputs, ctx.outputs)
-        with progress.task(f"validate {spec.name}", len(evaluation)) as adv:
-            out = run_batched(backend.infer, evaluation, advance=adv)
-        v = validate(out, ref_out, evaluation, metric, ref_metric, gate)
-        record.update(status="passed" if v.result.passed else "failed", validation=v.to_dict(),
-                      details=artifact.details, size_bytes=artifact.path.stat().st_size,
-                      build_seconds=round(build_s, 2), attempts=attempt, config=target.config.model_dump())
-        if v.result.passed:
-            return record, artifact
-        progress.log(f"{spec.name}: gate missed: " + "; ".join(v.result.failures), "yellow")
-        new_config = target.retry_config(ctx, artifact, evaluation, attempt)
-        history.append({"attempt": attempt, "failures": v.result.failures,
-                        **({"diagnosis": artifact.details["diagnosis"]} if "diagnosis" in artifact.details else {})})
-        record["history"] = history
-        if new_config is None:
-            return record, None
-        target = cls(new_config)
+            build_s = time.perf_counter() - t0
+            phase = "load"
+            backend = _backend_for(artifact, ctx.inputs, ctx.outputs)
+            phase = "validate"
+            with progress.task(f"validate {spec.name}", len(evaluation)) as adv:
+                out = run_batched(backend.infer, evaluation, advance=adv)
+            del backend
+            v = validate(out, ref_out, evaluation, metric, ref_metric, gate)
+            record.update(status="passed" if v.result.passed else "failed", validation=v.to_dict(),
+                          details=artifact.details, size_bytes=artifact.path.stat().st_size,
+                          build_seconds=round(build_s, 2), attempts=attempt, config=target.config.model_dump())
+            if v.result.passed:
+                return record, artifact
+            progress.log(f"{spec.name}: gate missed: " + "; ".join(v.result.failures), "yellow")
+            phase = "retry"
+            new_config = target.retry_config(ctx, artifact, evaluation, attempt)
+            history.append({"attempt": attempt, "failures": v.result.failures,
+                            **({"diagnosis": artifact.details["diagnosis"]} if "diagnosis" in artifact.details else {})})
+            record["history"] = history
+            if new_config is None:
+                return record, None
+            target = cls(new_config)
+    except Exception as e:  # noqa: BLE001 - one target's failure must never lose the run
+        row = failure_row(e, phase)
+        if record.get("status") == "failed":
+            # The gate was missed and then the retry (the diagnosis) broke: the miss stands, and
+            # what broke is kept beside it.
+            record["retry_error"] = row
+        else:
+            record.pop("validation", None)
+            record.update(row)
+        _log_row(progress, spec.name, record)
+        return record, None
+
+
+def failure_row(e: BaseException, phase: str | None = None) -> dict[str, Any]:
+    """The row fields for an exception raised while a target ran (contract 4).
+
+    TargetNotApplicable -> not-applicable, TargetUnavailable -> unavailable (cause in `reason`);
+    another ServeKitError, or an exception raised inside a library (ONNX Runtime, onnx, torch,
+    Model Optimizer, numpy, the user's own model code) -> error, naming the library and the first
+    line of its message; an exception raised by serve-kit's own code -> bug, with its traceback.
+    """
+    import traceback
+
+    where = {"phase": phase} if phase else {}
+    if isinstance(e, TargetNotApplicable):
+        return {"status": "not-applicable", "reason": e.render(), **where}
+    if isinstance(e, TargetUnavailable):
+        return {"status": "unavailable", "reason": e.render(), **where}
+    if isinstance(e, ServeKitError):
+        return {"status": "error", "error": e.render(), **where}
+    first = (str(e).strip().splitlines() or [""])[0][:500]
+    library, function = raised_in(e)
+    if library is None:
+        return {"status": "bug", "error": f"{type(e).__name__}: {first}",
+                "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)), **where}
+    text = f"{library} raised {type(e).__name__}" + (f" in {function}" if function else "") + (f": {first}" if first else "")
+    return {"status": "error", "error": text, "library": library, **where}
+
+
+def raised_in(e: BaseException) -> tuple[str | None, str | None]:
+    """(top-level package, module.function) of the code that raised `e`, or (None, None) when
+    serve-kit's own code did. The innermost Python frame decides; an exception type defined by
+    a library (e.g. ONNX Runtime's `Fail`, raised from C++ called by our code) names that library."""
+    import traceback
+
+    frames = list(traceback.walk_tb(e.__traceback__))
+    if frames:
+        frame = frames[-1][0]
+        module = frame.f_globals.get("__name__", "") or ""
+        top = module.split(".")[0]
+        if top and top != "serve_kit":
+            return top, f"{module}.{frame.f_code.co_name}"
+    etype_top = (type(e).__module__ or "").split(".")[0]
+    if etype_top not in ("builtins", "serve_kit", ""):
+        return etype_top, None
+    return None, None
+
+
+def _log_row(progress: ProgressSink, name: str, record: dict[str, Any]) -> None:
+    status = record["status"]
+    if status in ("not-applicable", "unavailable"):
+        progress.log(f"{name}: {status}: {record['reason']}", "dim")
+    elif status in ("error", "bug"):
+        progress.log(f"{name}: {status}: {record['error']}", "red")
+    if record.get("retry_error"):
+        progress.log(f"{name}: after the missed gate, the retry failed: {record['retry_error']['error']}", "red")
 
 
 def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artifact: Artifact,
@@ -396,9 +561,24 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
             "reference": {"name": report["reference"]["name"], "metric": report["reference"]["metric"]},
             "recipe": report["recipe"], "samples_file": SAMPLES,
         }
-        version = stage.commit(config, manifest)
+        version = stage.commit(config, manifest, extra_files=lambda v: {
+            REPORT: _report_text(_version_report(job, model_name, rec, report, v))})
+    return _written(job, model_name, rec, version)
+
+
+def _written(job: OptimizeJob, model_name: str, rec: dict[str, Any], version: int) -> dict[str, Any]:
     return {"model": model_name, "version": version, "path": str(job.repository / model_name / str(version)),
             "variant": rec["name"]}
+
+
+def _version_report(job: OptimizeJob, model_name: str, rec: dict[str, Any], report: dict[str, Any],
+                    version: int) -> dict[str, Any]:
+    """The report as it reads once `version` is written (the copy kept inside the version)."""
+    written = _written(job, model_name, rec, version)
+    out = {**report, "written": written, "report_path": str(Path(written["path"]) / REPORT),
+           "seconds": round(time.time() - report["started_unix"], 2)}
+    out["exit_code"] = outcome(out, job.strict)
+    return out
 
 
 def _parameter(value: Any) -> str:
@@ -410,12 +590,22 @@ def _parameter(value: Any) -> str:
     return str(value)
 
 
-def _write_report(job: OptimizeJob, model_name: str, report: dict[str, Any]) -> None:
+def _report_text(report: dict[str, Any]) -> str:
     import json
 
-    path = job.report_path or (job.repository / model_name / REPORT_NAME)
-    report["report_path"] = str(path)
-    atomic_write_text(Path(path), json.dumps(report, indent=2, default=_json_default) + "\n")
+    return json.dumps(report, indent=2, default=_json_default) + "\n"
+
+
+def _write_report(job: OptimizeJob, model_name: str, report: dict[str, Any]) -> None:
+    """Contract 6: always `<model>/.runs/<time>-<pid>.json`; the written version holds its own
+    copy (written with it, see _write_version); `--report PATH` gets one more."""
+    runs = Path(report["run_report_path"])
+    w = report.get("written")
+    report["report_path"] = str(Path(w["path"]) / REPORT) if w else str(runs)
+    text = _report_text(report)
+    atomic_write_text(runs, text)
+    if job.report_path:
+        atomic_write_text(Path(job.report_path), text)
 
 
 def _json_default(o: Any) -> Any:
