@@ -260,3 +260,173 @@ def test_every_target_config_is_checked_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="block_size"):
         run(job)
     assert not (tmp_path / "repo").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Never lose a run: every failure inside a target is its row; the report is always written.
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from serve_kit.errors import ConversionError, TargetNotApplicable  # noqa: E402
+from serve_kit.optimize import target as target_mod  # noqa: E402
+from serve_kit.optimize.pipeline import outcome, parse_size  # noqa: E402
+
+
+class _Failing(target_mod.Target):
+    """A test-local target (the plugin API) that fails the way real targets do."""
+
+    name = "test-failing"
+    precision = "fp32"
+    backend = "onnxruntime"
+
+    class Config(target_mod.TargetConfig):
+        how: str = "not-applicable"
+
+    def _build_impl(self, ctx, outdir):
+        how = self.config.how
+        if how == "not-applicable":
+            raise TargetNotApplicable("no MatMul or Gemm to quantize in this model", origin="test-failing")
+        if how == "error":
+            raise ConversionError("the converter gave up", origin="test-failing", hint="try another opset")
+        if how == "library":
+            np.linalg.inv(np.zeros((2, 2)))  # raises inside numpy, as a quantizer's library would
+        if how == "bug":
+            from serve_kit.optimize.pipeline import _geomean
+
+            _geomean([])  # a ZeroDivisionError raised by serve-kit's own code
+        if how == "interrupt":
+            raise KeyboardInterrupt
+        if how == "load":  # builds a file ONNX Runtime cannot load: fails in the pipeline's load phase
+            p = outdir / "model.onnx"
+            p.write_bytes(b"\x08\x07garbage")
+            return target_mod.Artifact(p, "onnxruntime")
+        raise AssertionError(how)
+
+
+@pytest.fixture
+def failing(monkeypatch):
+    monkeypatch.setitem(target_mod._MODULES, _Failing.name, __name__)
+    monkeypatch.setitem(target_mod._CLASSES, _Failing.name, _Failing)
+    return lambda how: TargetSpec(name=_Failing.name, config={"how": how})
+
+
+def runs(tmp_path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "repo" / "mlp" / ".runs").glob("*.json"))]
+
+
+def test_each_failure_inside_a_target_becomes_its_row(tmp_path, npz, failing):
+    targets = [TargetSpec(name="onnx"), failing("not-applicable"), failing("error"), failing("library"),
+               failing("load"), failing("bug")]
+    report = run(job(tmp_path, npz, targets=targets))
+    rows = report["variants"]
+    assert [r["status"] for r in rows] == ["passed", "not-applicable", "error", "error", "error", "bug"]
+    assert "no MatMul" in rows[1]["reason"]
+    assert "converter gave up" in rows[2]["error"] and "another opset" in rows[2]["error"]
+    assert rows[3]["library"] == "numpy" and "LinAlgError" in rows[3]["error"] and "Singular" in rows[3]["error"]
+    assert rows[4]["phase"] == "load" and "cannot load" in rows[4]["error"]
+    assert "ZeroDivisionError" in rows[5]["error"] and "_geomean" in rows[5]["traceback"]
+    assert "traceback" not in rows[3]  # a library's failure is not our bug: no traceback
+    # fail-closed: errors block writing; a bug row makes the run exit 1 even so
+    assert report["written"] is None and report["exit_code"] == 1 == outcome(report)
+    assert "--keep-going" in report["not_written_because"]
+    assert runs(tmp_path)[0]["variants"] == json.loads(json.dumps(rows))
+    assert not (tmp_path / "repo" / "mlp" / "1").exists()
+
+
+def test_not_applicable_never_blocks_writing_except_strict(tmp_path, npz, failing):
+    report = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx"), failing("not-applicable")]))
+    assert report["written"]["version"] == 1 and outcome(report) == 0
+    strict = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx"), failing("not-applicable")], strict=True))
+    assert strict["written"] is None and outcome(strict, strict=True) == 1 and strict["exit_code"] == 1
+    assert strict["strict_blocking"] == ["test-failing"]
+    only_na = run(job(tmp_path, npz, targets=[failing("not-applicable")]))
+    assert only_na["written"] is None and only_na["exit_code"] == 1  # no target applied
+    assert len(runs(tmp_path)) == 3
+
+
+def test_keep_going_writes_past_errors_but_a_bug_still_exits_1(tmp_path, npz, failing):
+    report = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx"), failing("error")], keep_going=True))
+    assert report["written"]["variant"] == "onnx" and report["exit_code"] == 0
+    report = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx"), failing("bug")], keep_going=True))
+    assert report["written"]["version"] == 2 and report["exit_code"] == 1
+
+
+def test_a_missed_gate_exits_3_and_beats_errors(tmp_path, npz, failing):
+    strict_gate = {"int8": GateConfig(min_cosine=0.999999999)}
+    report = run(job(tmp_path, npz, gates=strict_gate,
+                     targets=[TargetSpec(name="onnx-int8-static", config={"diagnose": False}), failing("error")]))
+    assert [r["status"] for r in report["variants"]] == ["failed", "error"]
+    assert report["exit_code"] == 3
+
+
+def test_the_report_survives_an_interrupt_and_an_error_halfway(tmp_path, npz, failing):
+    with pytest.raises(KeyboardInterrupt):
+        run(job(tmp_path, npz, targets=[TargetSpec(name="onnx"), failing("interrupt")]))
+    (log,) = runs(tmp_path)
+    assert log["aborted"]["status"] == "interrupted" and log["exit_code"] == 130
+    assert log["variants"][0]["status"] == "passed"  # what was done before is kept
+    x, _ = sk_models.digits_flat()
+    np.savez(tmp_path / "nolabels.npz", x=x[:100])
+    with pytest.raises(DataError):
+        run(job(tmp_path, str(tmp_path / "nolabels.npz")))
+    assert runs(tmp_path)[-1]["aborted"]["status"] == "error" and "labels" in runs(tmp_path)[-1]["aborted"]["error"]
+
+
+def test_inspect_and_verify_ignore_the_run_log(tmp_path, npz, failing):
+    run(job(tmp_path, npz, targets=[TargetSpec(name="onnx")]))
+    run(job(tmp_path, npz, targets=[failing("error")]))
+    repo = Repository(tmp_path / "repo")
+    assert repo.models() == ["mlp"] and repo.version_numbers("mlp") == [1]
+    assert repo.verify() == {"mlp": {1: []}}
+    assert len(runs(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("report,strict,code", [
+    ({"variants": [{"status": "passed"}], "written": {"version": 1}}, False, 0),
+    ({"variants": [{"status": "passed"}, {"status": "bug"}], "written": {"version": 1}}, False, 1),
+    ({"variants": [{"status": "passed"}, {"status": "failed"}], "written": None}, False, 3),
+    ({"variants": [{"status": "failed"}, {"status": "error"}], "written": None}, False, 3),
+    ({"variants": [{"status": "error"}], "written": None}, False, 1),
+    ({"variants": [{"status": "not-applicable"}], "written": None}, False, 1),
+    ({"variants": [{"status": "passed"}, {"status": "unavailable"}], "written": None, "select": "none"}, False, 0),
+    ({"variants": [{"status": "passed"}, {"status": "unavailable"}], "written": None, "select": "none"}, True, 1),
+    ({"variants": [], "written": None, "select": "none"}, False, 1),
+])
+def test_outcome(report, strict, code):
+    assert outcome(report, strict) == code
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "MiB": 1024**2, "GB": 1024**3}
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(min_value=1, max_value=4096), unit=st.sampled_from(sorted(_UNITS)))
+def test_parse_size(n, unit):
+    value = n * _UNITS[unit]
+    if value < 1 << 20:
+        with pytest.raises(UsageError, match="below 1 MiB"):
+            parse_size(f"{n}{unit}")
+    else:
+        assert parse_size(f"{n}{unit}") == value
+        assert parse_size(f"{n}{unit.lower()}") == value
+
+
+@pytest.mark.parametrize("bad", ["", "four gigs", "4X", "-1G", "1e9", "G"])
+def test_parse_size_refuses(bad):
+    with pytest.raises(UsageError, match="not a memory size") as e:
+        parse_size(bad)
+    assert "512M" in e.value.hint
+
+
+def test_max_memory_reaches_the_targets(tmp_path, npz, monkeypatch):
+    seen = []
+    cls = target_mod.target_class("onnx")
+    original = cls._build_impl
+
+    def spy(self, ctx, outdir):
+        seen.append(ctx.memory_budget)
+        return original(self, ctx, outdir)
+
+    monkeypatch.setattr(cls, "_build_impl", spy)
+    run(job(tmp_path, npz, targets=[TargetSpec(name="onnx")], memory_budget=parse_size("512M")))
+    assert seen == [512 * 1024**2]

@@ -61,6 +61,35 @@ class OptimizeJob:
     report_path: Path | None = None
     strict: bool = False
     """Targets that do not apply or cannot run here count as errors (block writing, exit 1)."""
+    force: bool = False
+    """Write even when the signature or source differ from the model's latest version."""
+    memory_budget: int | None = None
+    """Bytes calibration and diagnosis may hold (BuildContext.memory_budget); None = the targets'
+    default (a quarter of the RAM)."""
+    min_speedup: float = 1.0
+    """The fastest passing variant must be stably this much faster than the reference..."""
+    when_slower: str = "source"
+    """...else `source` writes the source model as is, `nothing` writes nothing."""
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+               "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40,
+               "TIB": 1 << 40}
+
+
+def parse_size(text: str, origin: str = "--max-memory") -> int:
+    """Bytes from `4G`, `512M`, `1.5GiB` or a plain number of bytes (binary units: 1K = 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise UsageError("not a memory size", value=text, origin=origin,
+                         hint="a number with an optional unit K, M, G or T (binary: 1K = 1024), e.g. 4G or 512M")
+    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value < 1 << 20:
+        raise UsageError("memory budget below 1 MiB", value=text, origin=origin, hint="e.g. 4G or 512M")
+    return value
 
 
 def tool_versions() -> dict[str, str]:
@@ -275,7 +304,7 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
     try:
         ctx = BuildContext(source, inputs, outputs, split.calibration, workdir, progress,
                            cache_dir=job.repository / model_name / BUILD_CACHE,
-                           max_batch_size=_served_max_batch(job, model_name))
+                           max_batch_size=_served_max_batch(job, model_name), memory_budget=job.memory_budget)
         built: dict[str, Artifact] = {}
         for spec, target in zip(target_specs, targets):
             record, artifact = _run_target(job, spec, target, ctx, split.evaluation, ref_out, metric, ref_metric,

@@ -73,14 +73,16 @@ def test_inspect_verifies_the_written_repository(digits_repo, cli_env):
 
 def test_strict_gate_exits_3_and_leaves_the_repository_untouched(digits_repo, cli_env, tmp_path):
     repo, _ = digits_repo
-    before = {k: v for k, v in tree(repo).items() if not k.endswith("optimize-report.json")}
+    # every run logs its report under .runs/ (also one that wrote nothing); nothing else changes
+    before = {k: v for k, v in tree(repo).items() if "/.runs/" not in k}
     r = sk("optimize", "--recipe", "digits-cnn", "-r", str(repo), "-t", "onnx-int8-static",
            "--gate", "int8.min_cosine=1.0", "--report", str(tmp_path / "report.json"), env=cli_env)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "missed their accuracy gate" in r.stderr and "Traceback" not in r.stderr
     assert "nothing written" in r.stderr
-    after = {k: v for k, v in tree(repo).items() if not k.endswith("optimize-report.json")}
+    after = {k: v for k, v in tree(repo).items() if "/.runs/" not in k}
     assert after == before
+    assert rep["exit_code"] == 3 and rep["report_path"] in {str(p) for p in (repo / "digits" / ".runs").iterdir()}
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["gate_failed"] == ["onnx-int8-static"] and rep["written"] is None
     assert len(rep["variants"][0]["history"]) >= 2  # the diagnosis tried before giving up
@@ -103,13 +105,17 @@ def test_ctrl_c_leaves_no_partial_version(tmp_path, cli_env):
         if proc.returncode == 130:
             interrupted += 1
             assert "interrupted" in err and "Traceback" not in err
+            # the interrupted run still left its report
+            if (repo / "mlp" / ".runs").is_dir():
+                reports = [json.loads(p.read_text()) for p in (repo / "mlp" / ".runs").iterdir()]
+                assert any((r.get("aborted") or {}).get("status") == "interrupted" for r in reports)
         else:  # finished before the signal: a complete version, never a partial one
             assert proc.returncode == 0, err
         model_dir = repo / "mlp"
         if model_dir.exists():
-            assert not [p for p in model_dir.iterdir() if p.name.startswith(".")], "staging left behind"
+            assert not [p for p in model_dir.iterdir() if p.name.startswith(".staging")], "staging left behind"
             for v in model_dir.iterdir():
-                if v.is_dir():
+                if v.is_dir() and not v.name.startswith("."):
                     assert (v / "manifest.json").exists() and (v / "model.onnx").exists()
     assert interrupted >= 1
 
