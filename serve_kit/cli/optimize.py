@@ -191,7 +191,18 @@ def _build_job(model, recipe, repository, model_name, weights, inputs, outputs, 
 
 
 def _fmt_ms(v: dict | None, b: str) -> str:
-    return f"{v[b]['p50_ms']:.3f}" if v and b in v else "-"
+    if not v or b not in v:
+        return "-"
+    return f"{v[b]['p50_ms']:.3f}" + ("" if v[b].get("stable", True) else " [yellow]~[/]")
+
+
+def _fmt_speedup(v: dict, b: str) -> str:
+    """A speedup only from a stable interleaved comparison; else UNSTABLE with its range."""
+    sp = (v.get("speedup") or {}).get(b)
+    if sp is not None:
+        return f"{sp:.2f}x"
+    rng = (v.get("speedup_range") or {}).get(b)
+    return f"[yellow]UNSTABLE[/] {rng[0]:.2f}-{rng[1]:.2f}x" if rng else "-"
 
 
 def _first_line(text: str) -> str:
@@ -228,8 +239,7 @@ def render(result: dict) -> None:
         row = [v["name"] + (" *" if v["name"] == result.get("selected") and result.get("written") else ""),
                human_size(v["size_bytes"]) if v.get("size_bytes") else "-"]
         for b in sizes:
-            sp = (v.get("speedup") or {}).get(b)
-            row += [_fmt_ms(v.get("latency"), b), f"{sp:.2f}x" if sp else "-"]
+            row += [_fmt_ms(v.get("latency"), b), _fmt_speedup(v, b)]
         row.append(f"{max(e['max_abs_error'] for e in errors.values()):.2e}" if errors else "-")
         row.append(f"{min(e['cosine_mean'] for e in errors.values()):.6f}" if errors else "-")
         if val.get("metric") is not None:
@@ -272,6 +282,13 @@ def render(result: dict) -> None:
         if v.get("retry_error"):
             out.print(f"[red]{v['name']}: after the missed gate, the retry failed:[/] "
                       f"{escape(v['retry_error']['error'])}", highlight=False)
+    if result.get("slower"):
+        out.print(f"[yellow]{escape(result['slower'])}[/]")
+    lat = result.get("latency_settings")
+    if lat:
+        out.print(f"[dim]latency: reference and variants interleaved, {lat['intra_op_threads']} intra-op thread(s) "
+                  f"(the server's); UNSTABLE = windows differ by more than {lat['stability_pct']:g}%, no speedup "
+                  "claimed[/]")
     w = result.get("written")
     if w:
         out.print(f"[green]wrote[/] {w['model']} version {w['version']} ({w['variant']}) -> {w['path']}")

@@ -7,6 +7,7 @@ that passed is written and the misses are reported.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import math
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..bench.offline import measure
 from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, ModelConfig, RepositorySpec, SourceSpec,
                       TargetSpec, TensorSpec, datatype_of, parse_model)
 from ..errors import DataError, InputError, ServeKitError, TargetNotApplicable, TargetUnavailable, UsageError
@@ -315,40 +315,107 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
             gc.collect()
 
         # -- latency -----------------------------------------------------------------------------
-        # One runner loaded at a time: an ONNX Runtime session that just ran keeps its pool
-        # spinning for a while and steals a core from the next one measured.
-        runners = {source.reference_name: lambda: source.run}
-        for rec in report["variants"]:
-            if rec["status"] == "passed":
-                runners[rec["name"]] = (lambda a=built[rec["name"]]: _backend_for(a, inputs, outputs).infer)
-        sizes = job.latency.batch_sizes
-        latency: dict[str, dict[str, Any]] = {}
-        with progress.task("measure latency", len(runners) * len(sizes)) as adv:
-            for name, make in runners.items():
-                try:
-                    fn = make()
-                    latency[name] = {}
-                    for b in sizes:
-                        latency[name][str(b)] = measure(fn, split.evaluation.tiled(b), b,
-                                                        job.latency.min_seconds).to_dict()
-                        adv(1)
-                except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the run
-                    latency.pop(name, None)
-                    _latency_failed(report, name, e, progress)
-                fn = None
-                gc.collect()
-        ref_lat = latency.get(source.reference_name)
-        report["reference"]["latency"] = ref_lat
-        for rec in report["variants"]:
-            if rec["name"] in latency:
-                rec["latency"] = latency[rec["name"]]
-                if ref_lat:
-                    rec["speedup"] = {b: ref_lat[b]["p50_ms"] / v["p50_ms"] for b, v in latency[rec["name"]].items()}
+        _measure_latency(job, model_name, report, source, built, split.evaluation, progress)
 
         # -- selection and write -----------------------------------------------------------------
-        _select_and_write(job, model_name, report, built, split.evaluation, ref_out)
+        _select_and_write(job, model_name, report, built, split.evaluation, ref_out, source, ctx, metric,
+                          ref_metric, progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _served_threads(job: OptimizeJob, model_name: str) -> int:
+    """The intra-op thread count the server (and `serve-kit bench`) will give each backend
+    instance of the written version: every figure is measured at it, the eager reference too.
+    (torch's default, the whole machine, made eager digits read 95 ms instead of 0.1 ms when the
+    cores were busy: its OpenMP threads waited on each other.)"""
+    from ..runtime.models import available_cores, backend_options, default_intra_op_threads
+
+    cfg_path = job.repository / model_name / "config.yaml"
+    if cfg_path.exists():
+        return int(backend_options(load_model_config(cfg_path), available_cores())["intra_op_threads"])
+    return default_intra_op_threads(available_cores(), job.repo_spec.instance_group.count)
+
+
+def _measure_latency(job: OptimizeJob, model_name: str, report: dict[str, Any], source: Source,
+                     built: dict[str, Artifact], evaluation: cal.Dataset, progress: ProgressSink) -> None:
+    """Contract 8: the reference and every passed variant, interleaved in the same windows, at
+    the server's thread count; a speedup only where both sides are stable."""
+    from ..bench.offline import STABILITY_PCT, interleaved_speedup, measure_interleaved
+
+    threads = _served_threads(job, model_name)
+    ref_name = source.reference_name
+    report["latency_settings"] = {"intra_op_threads": threads, "min_seconds": job.latency.min_seconds,
+                                  "stability_pct": STABILITY_PCT, "interleaved": True}
+    makers: dict[str, Any] = {ref_name: lambda: _reference_runner(source, threads)}
+    for rec in report["variants"]:
+        if rec["status"] == "passed":
+            makers[rec["name"]] = (lambda a=built[rec["name"]]: _backend_for(
+                a, source.inputs, source.outputs, {"intra_op_threads": threads}).infer)
+    fns: dict[str, Any] = {}
+    for name, make in makers.items():
+        try:
+            fns[name] = make()
+        except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the run
+            _latency_failed(report, name, e, progress)
+    sizes = job.latency.batch_sizes
+    latency: dict[str, dict[str, Any]] = {n: {} for n in fns}
+    with progress.task(f"measure latency (interleaved, {threads} thread(s))", len(sizes)) as adv, \
+            _torch_threads(threads, source):
+        for b in sizes:
+            results, errors = measure_interleaved(fns, evaluation.tiled(b), b, rounds=3,
+                                                  min_seconds=job.latency.min_seconds)
+            for name, e in errors.items():
+                fns.pop(name, None)
+                latency.pop(name, None)
+                _latency_failed(report, name, e, progress)
+            for name, r in results.items():
+                latency[name][str(b)] = r
+            adv(1)
+    fns.clear()
+    gc.collect()
+    ref_lat = latency.get(ref_name)
+    report["reference"]["latency"] = ref_lat
+    for rec in report["variants"]:
+        lat = latency.get(rec["name"])
+        if lat is None or rec["name"] == ref_name:
+            continue
+        rec["latency"] = lat
+        if ref_lat:
+            cmp = {b: interleaved_speedup(ref_lat[b], v) for b, v in lat.items()}
+            rec["speedup"] = {b: (c["ratio"] if c["stable"] else None) for b, c in cmp.items()}
+            rec["speedup_range"] = {b: c["range"] for b, c in cmp.items()}
+            unstable = [b for b, c in cmp.items() if not c["stable"]]
+            if unstable:
+                rec["speedup_unstable"] = unstable
+
+
+def _reference_runner(source: Source, threads: int):
+    """The reference as it would be served: an ONNX source in its own session with the server's
+    options (its validation session ran with ONNX Runtime's defaults)."""
+    if source.kind == "onnx":
+        from ..runtime.backends import load_backend
+
+        return load_backend("onnxruntime", source.model, output_names=[o.name for o in source.outputs or []],
+                            options={"intra_op_threads": threads}).infer
+    return source.run
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int, source: Source):
+    """torch's intra-op width for the measurement (eager and TorchScript run in this thread)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or threads <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _latency_failed(report: dict[str, Any], name: str, e: Exception, progress: ProgressSink) -> None:
@@ -397,7 +464,8 @@ def outcome(report: dict[str, Any], strict: bool = False) -> int:
 
 
 def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any], built: dict[str, Artifact],
-                      evaluation: cal.Dataset, ref_out: dict[str, np.ndarray]) -> None:
+                      evaluation: cal.Dataset, ref_out: dict[str, np.ndarray], source: Source, ctx: BuildContext,
+                      metric: Metric | None, ref_metric: float | None, progress: ProgressSink) -> None:
     variants = report["variants"]
     passed = [r for r in variants if r["status"] == "passed"]
     blocking = blocking_rows(report, job.strict)
@@ -412,8 +480,9 @@ def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any],
             status = next((r["status"] for r in variants if r["name"] == job.select), "not run")
             report["selection_error"] = f"--select {job.select}: that variant {status}"
     elif job.select == "fastest" and passed:
-        timed = [r for r in passed if r.get("latency")]
-        chosen = min(timed, key=lambda r: _geomean([v["p50_ms"] for v in r["latency"].values()])) if timed else None
+        chosen = _fastest(job, report, [r for r in passed if r.get("latency")])
+        if chosen is None and job.when_slower == "source" and not (blocking and not job.keep_going):
+            chosen = _source_row(job, report, built, source, ctx, evaluation, ref_out, metric, ref_metric, progress)
     report["selected"] = chosen["name"] if chosen else None
     if chosen and (not blocking or job.keep_going):
         report["written"] = _write_version(job, model_name, chosen, built[chosen["name"]], report,
@@ -421,8 +490,89 @@ def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any],
     elif chosen:
         report["not_written_because"] = (", ".join(f"{r['name']} {r['status']}" for r in blocking)
                                          + " (use --keep-going to write the fastest passing one anyway)")
+    elif report.get("slower"):
+        report["not_written_because"] = report["slower"] + " (--when-slower nothing)"
     elif job.select != "none" and not report.get("selection_error"):
         report["not_written_because"] = "no variant passed its gate"
+
+
+def _fastest(job: OptimizeJob, report: dict[str, Any], timed: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fastest passing variant that is stably faster than the reference by --min-speedup at
+    every measured batch size (_stably_faster); None (and report["slower"] says why) when there
+    is none."""
+    if not timed:
+        return None
+    by_speed = sorted(timed, key=lambda r: _geomean([v["p50_ms"] for v in r["latency"].values()]))
+    if not report["reference"].get("latency"):
+        report["speedup_note"] = "the reference's latency was not measured: the fastest variant is written unchecked"
+        return by_speed[0]
+    x = job.min_speedup
+    for rec in by_speed:
+        if _stably_faster(rec, x):
+            return rec
+    best = by_speed[0]
+    figures = ", ".join(f"@{b}: " + (f"{v:.2f}x" if v is not None else
+                                      "UNSTABLE {:.2f}-{:.2f}x".format(*best["speedup_range"][b]))
+                        for b, v in (best.get("speedup") or {}).items())
+    report["slower"] = (f"no passing variant is stably faster than the source ({report['reference']['name']}) "
+                        f"by {x:g}x; the fastest, {best['name']}, measured {figures}")
+    return None
+
+
+def _stably_faster(rec: dict[str, Any], x: float) -> bool:
+    """Faster than the reference by `x` at every batch size: a stable ratio of at least `x`, or,
+    where the windows were not stable, `x` or more in every single round (the whole range)."""
+    sp, rng = rec.get("speedup") or {}, rec.get("speedup_range") or {}
+    if not rng:
+        return False
+    return all((sp.get(b) is not None and sp[b] >= x) or r[0] >= x for b, r in rng.items())
+
+
+def _source_row(job: OptimizeJob, report: dict[str, Any], built: dict[str, Artifact], source: Source,
+                ctx: BuildContext, evaluation: cal.Dataset, ref_out: dict[str, np.ndarray], metric: Metric | None,
+                ref_metric: float | None, progress: ProgressSink) -> dict[str, Any] | None:
+    """--when-slower source: the source model written as is, as its own row `source` (an ONNX or
+    TorchScript file is copied; an eager PyTorch source is served through its FP32 TorchScript or
+    ONNX export, whichever passed and measured faster). Validated like any variant."""
+    rec: dict[str, Any] = {"name": "source", "precision": "fp32", "config": {}, "reason": report["slower"]}
+    if source.kind in ("onnx", "torchscript"):
+        backend, fname = ("onnxruntime", "model.onnx") if source.kind == "onnx" else ("torchscript", "model.pt")
+        d = ctx.workdir / "source"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source.model if source.kind == "onnx" else source.ref, d / fname)
+        artifact = Artifact(d / fname, backend, details={"source_file": source.ref})
+        try:
+            b = _backend_for(artifact, ctx.inputs, ctx.outputs)
+            out = run_batched(b.infer, evaluation)
+            del b
+            gate, rec["gate_origin"] = _gate_for(job, "fp32", TargetSpec(name="source"))
+            v = validate(out, ref_out, evaluation, metric, ref_metric, gate)
+        except Exception as e:  # noqa: BLE001 - the row says what broke, the run goes on
+            rec.update(backend=backend, **failure_row(e, "validate"))
+            report["variants"].append(rec)
+            _log_row(progress, "source", rec)
+            return None
+        rec.update(backend=backend, status="passed" if v.result.passed else "failed", validation=v.to_dict(),
+                   details=artifact.details, size_bytes=artifact.path.stat().st_size,
+                   latency=report["reference"].get("latency"))
+    else:
+        fp32 = [r for r in report["variants"] if r["name"] in ("torchscript", "onnx") and r["status"] == "passed"
+                and r.get("latency")]
+        if not fp32:
+            report["slower"] += ("; the eager source can only be written through its FP32 torchscript or onnx "
+                                 "export, and neither passed here (add -t onnx or -t torchscript)")
+            return None
+        via = min(fp32, key=lambda r: _geomean([v["p50_ms"] for v in r["latency"].values()]))
+        artifact = built[via["name"]]
+        rec.update({k: via[k] for k in ("backend", "status", "validation", "size_bytes", "latency", "speedup",
+                                        "speedup_range", "gate_origin") if k in via},
+                   details={**via.get("details", {}), "exported_by": via["name"]})
+    report["variants"].append(rec)
+    if rec["status"] != "passed":
+        return None
+    built["source"] = artifact
+    progress.log(f"{report['slower']}: writing the source model as is (--when-slower source)", "yellow")
+    return rec
 
 
 def _served_max_batch(job: OptimizeJob, model_name: str) -> int:
@@ -432,9 +582,11 @@ def _served_max_batch(job: OptimizeJob, model_name: str) -> int:
     return max(limit, 1)
 
 
-def _backend_for(artifact: Artifact, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+def _backend_for(artifact: Artifact, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                 extra: dict[str, Any] | None = None):
     return load_backend(artifact.backend, artifact.path, output_names=[o.name for o in outputs],
-                        options={"input_names": [s.name for s in inputs], **artifact.backend_options})
+                        options={"input_names": [s.name for s in inputs], **(extra or {}),
+                                 **artifact.backend_options})
 
 
 def _run_target(job: OptimizeJob, spec: TargetSpec, target: Target, ctx: BuildContext, evaluation: cal.Dataset,
@@ -638,8 +790,10 @@ def _write_report(job: OptimizeJob, model_name: str, report: dict[str, Any]) -> 
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
         return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     if isinstance(o, Path):
         return str(o)
     return str(o)
