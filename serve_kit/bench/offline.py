@@ -146,7 +146,7 @@ def measure_interleaved(fns: dict[str, Callable[[dict[str, np.ndarray]], object]
             "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
             "mean_ms": float(ms.mean()), "samples_per_s": batch_size / (float(np.percentile(ms, 50)) / 1e3),
             "window_p50_ms": p50s, "windows": len(p50s), "window_s": window_s,
-            "stable": stats.is_stable(p50s, tput, stability_pct),
+            "stable": bool(stats.is_stable(p50s, tput, stability_pct)),
             "spread_pct": stats.spread(p50s[-stats.STABLE_WINDOWS:]), "stability_pct": stability_pct,
         }
     return results, errors
