@@ -539,3 +539,36 @@ def test_latency_agrees_with_serve_kit_bench(tmp_path, npz, monkeypatch):
         theirs_eager = rows[("pytorch-eager", b)]["p50_ms"]
         assert 1 / 4 < ours_eager / theirs_eager < 4, (b, ours_eager, theirs_eager)
         assert 1 / 4 < (ours_eager / ours) / (theirs_eager / theirs) < 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Repository safety: another model is never written silently as the next version.
+
+
+def test_a_changed_signature_or_source_is_refused_before_any_work_unless_forced(tmp_path, npz, failing):
+    run(job(tmp_path, npz, targets=[TargetSpec(name="onnx")]))
+    before = snapshot(tmp_path / "repo" / "mlp" / "1")
+    src = _mlp_onnx(tmp_path / "m.onnx")
+    # another source kind (and output name): refused before the target runs (it would raise)
+    with pytest.raises(UsageError, match="another model") as e:
+        run(job(tmp_path, npz, source=SourceSpec(path=str(src)), targets=[failing("bug")]))
+    assert "source kind torch (v1) -> onnx" in e.value.message and "outputs ['output_0'] -> ['y']" in e.value.message
+    assert "--force" in e.value.hint and "--name" in e.value.hint
+    assert runs(tmp_path)[-1]["aborted"]["status"] == "error" and not runs(tmp_path)[-1]["variants"]
+    # another factory with the same signature
+    with pytest.raises(UsageError, match="source factory sk_models:mlp"):
+        run(job(tmp_path, npz, source=SourceSpec(factory="sk_models:outlier_mlp"), targets=[TargetSpec(name="onnx")]))
+    assert Repository(tmp_path / "repo").version_numbers("mlp") == [1]
+    assert snapshot(tmp_path / "repo" / "mlp" / "1") == before
+    # the same model again is fine; --force writes the other one and says so
+    assert run(job(tmp_path, npz, targets=[TargetSpec(name="onnx")]))["written"]["version"] == 2
+    forced = run(job(tmp_path, npz, source=SourceSpec(path=str(src)), targets=[TargetSpec(name="onnx")], force=True))
+    assert forced["written"]["version"] == 3 and any("source kind" in c for c in forced["forced"])
+    assert Repository(tmp_path / "repo").version("mlp").manifest["forced"] == forced["forced"]
+    assert Repository(tmp_path / "repo").config("mlp").outputs[0].name == "y"
+    # a changed file is another source too
+    other = tmp_path / "m3.onnx"
+    torch.onnx.export(sk_models.untrained_mlp(), (torch.zeros(2, 64),), str(other), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
+    with pytest.raises(UsageError, match="sha256"):
+        run(job(tmp_path, npz, source=SourceSpec(path=str(other)), targets=[TargetSpec(name="onnx")]))

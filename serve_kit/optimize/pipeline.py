@@ -291,6 +291,16 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
                    "inputs": [s.model_dump() for s in inputs], "outputs": [s.model_dump() for s in outputs],
                    "calibration": split.calibration.describe(), "evaluation": split.evaluation.describe(),
                    "metric": job.metric})
+    # Repository safety: known before any target runs, so refused before any work.
+    changes = signature_changes(job.repository, model_name, inputs, outputs, report["source"])
+    if changes and not job.force:
+        raise UsageError(f"model {model_name!r} in the repository is another model: " + "; ".join(changes),
+                         origin=f"{job.repository / model_name}",
+                         hint="write it under another name (--name), or as the next version anyway with --force "
+                              "(recorded in the report and the manifest)")
+    if changes:
+        report["forced"] = changes
+        progress.warn(f"--force: writing over a changed model: {'; '.join(changes)}")
     metric = Metric(job.metric) if job.metric else None
     if metric and split.evaluation.labels is None:
         raise DataError(f"metric {job.metric!r} needs labels, and the evaluation data have none",
@@ -322,6 +332,39 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
                           ref_metric, progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def signature_changes(repository: Path, model_name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                      source: dict[str, Any]) -> list[str]:
+    """How a new version would differ from the model's latest one: inputs/outputs (names,
+    datatypes, shapes, as config.yaml holds them) and the source (kind; a file's sha256, a
+    factory's name). Empty when the model is new or the same."""
+    repo = Repository(repository)
+    cfg_path = repository / model_name / "config.yaml"
+    if not cfg_path.exists():
+        return []
+    cfg = load_model_config(cfg_path)
+    out = []
+    for what, old, new in (("input", cfg.inputs, inputs), ("output", cfg.outputs, outputs)):
+        o, n = {t.name: t for t in old}, {t.name: t for t in new}
+        if list(o) != list(n):
+            out.append(f"{what}s {list(o)} -> {list(n)}")
+        for name in o.keys() & n.keys():
+            if o[name].model_dump() != n[name].model_dump():
+                out.append(f"{what} {o[name].describe()} -> {n[name].describe()}")
+    numbers = repo.version_numbers(model_name)
+    if numbers:
+        info = repo.version(model_name, numbers[-1])
+        old_src = (info.manifest or {}).get("source") or {}
+        factory = source.get("kind") == "torch" and source.get("format") != "torch.export"
+        if old_src.get("kind") != source.get("kind"):
+            out.append(f"source kind {old_src.get('kind')} (v{info.version}) -> {source.get('kind')}")
+        elif factory and old_src.get("ref") != source.get("ref"):
+            out.append(f"source factory {old_src.get('ref')} (v{info.version}) -> {source.get('ref')}")
+        elif not factory and old_src.get("sha256") != source.get("sha256"):
+            out.append(f"source file {source.get('ref')}: sha256 {str(old_src.get('sha256'))[:12]} "
+                       f"(v{info.version}) -> {str(source.get('sha256'))[:12]}")
+    return out
 
 
 def _served_threads(job: OptimizeJob, model_name: str) -> int:
@@ -741,6 +784,7 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
             "validation": rec["validation"], "latency": rec.get("latency"),
             "reference": {"name": report["reference"]["name"], "metric": report["reference"]["metric"]},
             "recipe": report["recipe"], "samples_file": SAMPLES,
+            **({"forced": report["forced"]} if report.get("forced") else {}),
         }
         version = stage.commit(config, manifest, extra_files=lambda v: {
             REPORT: _report_text(_version_report(job, model_name, rec, report, v))})
