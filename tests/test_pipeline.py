@@ -28,7 +28,10 @@ def npz(tmp_path_factory):
 def job(tmp_path, npz, **kw) -> OptimizeJob:
     base = dict(source=SourceSpec(factory="sk_models:mlp"), repository=tmp_path / "repo",
                 data=DataSpec(calibration=npz), metric="top1", latency=FAST, model_name="mlp",
-                targets=[TargetSpec(name="onnx"), TargetSpec(name="onnx-int8-static")])
+                targets=[TargetSpec(name="onnx"), TargetSpec(name="onnx-int8-static")],
+                # On this shared machine a variant may not beat eager torch in every round: tests of
+                # gates and writes must not depend on that (the --when-slower tests set their own).
+                min_speedup=1e-3)
     base.update(kw)
     return OptimizeJob(**base)
 

@@ -189,7 +189,9 @@ def test_onnx_source_with_npz_data_and_keep_going(files, cli_env, tmp_path):
            "--keep-going", "--select", "fastest", env=cli_env)
     assert r.returncode == 0, r.stderr
     assert (repo / "mlp" / "2").is_dir()
-    assert json.loads((repo / "mlp" / "2" / "manifest.json").read_text())["variant"] == "onnx"
+    # the FP32 re-export of an ONNX source is rarely faster than the source itself: then the source
+    # is written as is (--when-slower source, the default)
+    assert json.loads((repo / "mlp" / "2" / "manifest.json").read_text())["variant"] in ("onnx", "source")
 
 
 def test_help_and_version_do_not_import_torch(cli_env):
