@@ -213,3 +213,32 @@ def test_recipes_list(cli_env):
     assert r.returncode == 0 and "digits-cnn" in r.stdout
     r = sk("--json", "recipes", "show", "digits-cnn", env=cli_env)
     assert json.loads(r.stdout)["name"] == "digits-cnn"
+
+
+def test_exit_codes_and_flags_of_mixed_outcomes(files, cli_env, tmp_path):
+    repo = tmp_path / "repo"
+    base = [str(files / "mlp.onnx"), "--calibration-data", str(files / "good.npz"), "-r", str(repo), "--name", "mlp",
+            "--batch-sizes", "1"]
+    # torchscript cannot be built from an ONNX source: unavailable never blocks, except --strict
+    r = sk("--json", "optimize", *base, "-t", "onnx-int8-dynamic", "-t", "torchscript", "--strict", env=cli_env)
+    assert r.returncode == 1, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["written"] is None and rep["strict_blocking"] == ["torchscript"] and rep["exit_code"] == 1
+    assert "Traceback" not in r.stderr and rep["report_path"].startswith(str(repo / "mlp" / ".runs"))
+    # a missed gate, nothing written: 3
+    r = sk("optimize", *base, "-t", "onnx-int8-dynamic", "--gate", "int8.min_cosine=1.0", env=cli_env)
+    assert r.returncode == 3 and "missed their accuracy gate" in _err(r)
+    # written (the source itself when nothing beats it): 0, and the table says what it measured
+    r = sk("optimize", *base, "-t", "onnx", "-t", "torchscript", "--min-speedup", "1000", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "is stably faster than the source" in " ".join(r.stdout.split())
+    assert json.loads((repo / "mlp" / "1" / "manifest.json").read_text())["variant"] == "source"
+    assert len(list((repo / "mlp" / ".runs").iterdir())) == 3
+    # another model under the same name: refused before any work, 2
+    r = sk("optimize", "sk_models:mlp", "--calibration-data", str(files / "good.npz"), "-r", str(repo),
+           "--name", "mlp", "-t", "onnx", env=cli_env)
+    assert r.returncode == 2 and "another model" in _err(r) and "--force" in r.stderr
+    for bad, needle in ((["--max-memory", "lots"], "not a memory size"), (["--when-slower", "never"], "source"),
+                        (["--min-speedup", "0"], "positive")):
+        r = sk("optimize", *base, "-t", "onnx", *bad, env=cli_env)
+        assert r.returncode == 2 and needle in _err(r), (bad, r.stderr)
