@@ -255,8 +255,10 @@ def _measure(r: np.ndarray, g: np.ndarray, kind: str, threshold: float) -> dict[
         out.update(cosine_mean=None, cosine_min=None)
     if cols is not None and continuous:
         dot, ra, gb = cols
-        norms = np.sqrt(ra * gb)
-        across = np.where((ra == 0) & (gb == 0), 1.0, dot / np.maximum(norms, 1e-30))
+        # sqrt(ra) * sqrt(gb), not sqrt(ra * gb): the product underflows for tiny values, and
+        # a column that matches exactly is 1 whatever its scale.
+        norms = np.sqrt(ra) * np.sqrt(gb)
+        across = np.where(col_worst[0] == 0, 1.0, dot / np.maximum(norms, np.finfo(np.float64).tiny))
         j = int(np.argmin(across))
         out["cosine_across"] = float(across[j])
         worst["cosine_across"] = int(col_worst[1][j])
