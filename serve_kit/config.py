@@ -301,34 +301,185 @@ class ModelConfig(_Strict):
 # Optimize recipes
 
 
+OutputKind = Literal["probability", "logits", "regression", "discrete"]
+"""How an output's measures are chosen (see serve_kit/optimize/validate.py and the README's
+"Gates"): `probability` (values in [0, 1]; multi-class when a last axis of at least 2 sums to 1),
+`logits` (class scores: argmax, or sigmoid at the threshold for one score), `regression` (any
+other real values, embeddings included) and `discrete` (integer or boolean outputs)."""
+
+
 class GateConfig(_Strict):
-    """Accuracy gate for one variant against the reference. None disables a check."""
+    """Accuracy gate for one variant against the reference, over the whole evaluation set.
+
+    Every output gets the measures that fit its kind (detected from the reference's values, or
+    set in `kinds`); None disables a check. Set fields override a default gate field by field.
+    """
 
     min_cosine: float | None = Field(default=None, ge=-1, le=1)
-    """Minimum mean per-sample cosine similarity, every output."""
+    """Minimum mean per-sample cosine similarity, every output of more than one element per
+    sample (a one-element cosine is 1.0 by construction and is never computed)."""
     max_abs_error: float | None = Field(default=None, ge=0)
     """Maximum absolute error over every element of every output."""
+    max_rel_l2: float | None = Field(default=None, ge=0)
+    """Maximum relative L2 error of each output over the whole set: ||variant - reference|| /
+    ||reference||, all samples and elements together."""
+    min_cosine_across: float | None = Field(default=None, ge=-1, le=1)
+    """Minimum cosine across samples, for outputs of at most 16 elements per sample: each element
+    position is one vector over the evaluation set (where a per-sample cosine means nothing)."""
+    max_prob_error: float | None = Field(default=None, ge=0)
+    """Maximum absolute error of a probability output (catches a 0.98 error on one sample that a
+    relative or averaged measure would hide)."""
+    max_flip_rate: float | None = Field(default=None, ge=0, le=1)
+    """Maximum share of decisions that differ from the reference's, for probability, logit and
+    discrete outputs: argmax over the last axis for multi-class, the threshold for single
+    probabilities (logits: the sigmoid at the threshold), equality for discrete outputs."""
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    """Decision threshold of single-probability outputs (and of single logits, through the sigmoid)."""
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    """Per output name: its own decision threshold, over `threshold`."""
+    kinds: dict[str, OutputKind] = Field(default_factory=dict)
+    """Per output name: its kind, over the detected one (e.g. `{speech_prob: probability}`)."""
     max_metric_drop: float | None = Field(default=None, ge=0)
     """Maximum drop of the task metric (in the metric's own unit, e.g. accuracy points)."""
 
+    @field_validator("thresholds")
+    @classmethod
+    def _open_unit(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if not 0 < t < 1}
+        if bad:
+            raise ValueError(f"thresholds must lie strictly between 0 and 1, got {bad}")
+        return v
+
     def merged(self, other: "GateConfig | None") -> "GateConfig":
+        """This gate with the fields `other` set (pydantic's model_fields_set) put over it; `kinds`
+        and `thresholds` merge per output. Fields `other` leaves at their defaults do not override."""
         if other is None:
             return self
-        data = self.model_dump()
-        data.update(other.model_dump(exclude_unset=True))
+        data = {k: getattr(self, k) for k in self.model_fields_set}
+        for k in other.model_fields_set:
+            v = getattr(other, k)
+            data[k] = {**getattr(self, k), **v} if k in ("kinds", "thresholds") else v
         return GateConfig(**data)
 
+    def threshold_for(self, output: str) -> float:
+        return self.thresholds.get(output, self.threshold)
 
-# Defaults per precision: FP32 exports must match tightly; quantized variants may lose a little.
+
+# Defaults per precision: FP32 exports must match tightly; quantized variants may lose a little,
+# but never a decision in more than a small share of samples, nor a probability by 0.25 anywhere.
+def _gate(rel_l2: float, cos_across: float, prob: float, flips: float, **kw: float) -> GateConfig:
+    return GateConfig(max_rel_l2=rel_l2, min_cosine_across=cos_across, max_prob_error=prob, max_flip_rate=flips, **kw)
+
+
 DEFAULT_GATES: dict[str, GateConfig] = {
-    "fp32": GateConfig(min_cosine=0.9999, max_abs_error=1e-3, max_metric_drop=0.1),
+    "fp32": _gate(1e-3, 0.9999, 1e-3, 0.002, min_cosine=0.9999, max_abs_error=1e-3, max_metric_drop=0.1),
     # Half precisions: fp16 keeps 10 mantissa bits, bf16 only 7; fp8 (E4M3) has 3.
-    "fp16": GateConfig(min_cosine=0.9995, max_metric_drop=0.2),
-    "bf16": GateConfig(min_cosine=0.999, max_metric_drop=0.5),
-    "fp8": GateConfig(min_cosine=0.99, max_metric_drop=1.0),
-    "int8": GateConfig(min_cosine=0.99, max_metric_drop=1.0),
-    "int4": GateConfig(min_cosine=0.98, max_metric_drop=2.0),
+    "fp16": _gate(0.02, 0.999, 0.02, 0.005, min_cosine=0.9995, max_metric_drop=0.2),
+    "bf16": _gate(0.05, 0.995, 0.05, 0.01, min_cosine=0.999, max_metric_drop=0.5),
+    "fp8": _gate(0.15, 0.98, 0.25, 0.02, min_cosine=0.99, max_metric_drop=1.0),
+    "int8": _gate(0.15, 0.98, 0.25, 0.01, min_cosine=0.99, max_metric_drop=1.0),
+    "int4": _gate(0.2, 0.95, 0.3, 0.03, min_cosine=0.98, max_metric_drop=2.0),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings given as KEY=VALUE text (`-t TARGET:KEY=VALUE,...`, `--gate PRECISION.FIELD=VALUE`)
+
+
+def split_settings(text: str) -> list[str]:
+    """`a=1,b=[1,2],c="x,y"` -> ['a=1', 'b=[1,2]', 'c="x,y"']: commas inside brackets or quotes
+    belong to the value (a JSON list)."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def type_words(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+def setting_value(model: type[BaseModel], key: str, text: str) -> Any:
+    """The Python value for `key=text` of a pydantic model, from the field's type: JSON for a text
+    starting with `[`, `{` or `"`; `none`/`null` for an optional field; `A+B` for a list; anything
+    else as the string, which pydantic's validation turns into the int, float, bool or Literal the
+    field wants (`true`/`false`, `yes`/`no`, `1`/`0` for booleans)."""
+    import json
+    import typing
+
+    ann = model.model_fields[key].annotation
+    args = typing.get_args(ann)
+    text = text.strip()
+    if text[:1] in ("[", "{", '"'):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{key}: not valid JSON ({e.msg})", value=text,
+                             hint='quote JSON for the shell, e.g. op_types=\'["MatMul","Conv"]\'') from None
+    if text.lower() in ("none", "null") and type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)] or [ann]
+    if any(typing.get_origin(a) in (list, tuple, set) or a in (list, tuple, set) for a in inner):
+        return [t.strip() for t in text.split("+") if t.strip()]
+    return text
+
+
+def model_errors(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(value)'}: {err['msg']}" for err in e.errors())
+
+
+GATE_DICT_FIELDS = ("kinds", "thresholds")
+
+
+def gate_setting(fields: dict[str, Any], key: str, text: str, origin: str, form: str = "FIELD=VALUE") -> None:
+    """Add one gate setting, `FIELD=VALUE`, `kinds.OUTPUT=KIND` or `thresholds.OUTPUT=VALUE`, to
+    `fields` (checked by building a GateConfig from them)."""
+    fld, dot, output = key.partition(".")
+    scalar = [f for f in GateConfig.model_fields if f not in GATE_DICT_FIELDS]
+    if fld not in GateConfig.model_fields or (fld in GATE_DICT_FIELDS) != bool(dot and output):
+        raise UsageError(f"unknown gate field {fld!r} (a gate setting is {form})", value=key, origin=origin,
+                         hint="gate fields: " + ", ".join(scalar)
+                              + "; per output: kinds.OUTPUT=probability|logits|regression|discrete, "
+                                "thresholds.OUTPUT=0.3")
+    if fld in GATE_DICT_FIELDS:
+        fields.setdefault(fld, {})[output] = text.strip()
+    else:
+        fields[fld] = setting_value(GateConfig, fld, text)
+    try:
+        typed = GateConfig(**fields)
+    except ValidationError as e:
+        raise UsageError(f"invalid gate setting: {model_errors(e)}", value=f"{key}={text}", origin=origin,
+                         hint="see the README's \"Gates\" for each field's range") from None
+    fields.update({k: getattr(typed, k) for k in fields})
+
+
+def parse_gate_args(items: list[str], origin: str = "--gate") -> dict[str, dict[str, Any]]:
+    """`--gate PRECISION.FIELD=VALUE` items (PRECISION may be `all`) -> {precision: {field: value}}."""
+    gates: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        prec, dot, fld = key.partition(".")
+        if not sep or not dot or prec not in (*DEFAULT_GATES, "all"):
+            raise UsageError("gate is not PRECISION.FIELD=VALUE", value=item, origin=origin,
+                             hint=f"precisions: {', '.join(DEFAULT_GATES)}, all; e.g. --gate int8.max_metric_drop=0.5, "
+                                  "--gate int8.max_flip_rate=none, --gate all.kinds.prob=probability")
+        for p in (DEFAULT_GATES if prec == "all" else [prec]):
+            gate_setting(gates.setdefault(p, {}), fld, value, f"{origin} {item}", "PRECISION.FIELD=VALUE")
+    return gates
 
 
 class SourceSpec(_Strict):

@@ -383,7 +383,8 @@ def test_unknown_constant_and_state_names_are_usage_errors(tmp_path):
         run(vad_job(tmp_path, model, data, constants={"rate": 16000, "sr": 16000}))
     with pytest.raises(UsageError, match="output 'hN'"):
         run(vad_job(tmp_path, model, data, state={"hN": "state"}))
-    assert not (tmp_path / "repo" / "vad").exists()
+    # Nothing written: only the run logs (contract 6) are there.
+    assert sorted(p.name for p in (tmp_path / "repo" / "vad").iterdir()) == [".runs"]
 
 
 def test_wrong_batch_axis_gets_the_axis_hint(tmp_path):
@@ -432,7 +433,8 @@ def test_torchscript_with_int_argument_needs_and_takes_a_constant(tmp_path):
     rows = {v["name"]: v for v in report["variants"]}
     assert rows["torchscript"]["status"] == "passed"
     assert rows["onnx"]["status"] in ("passed", "not-applicable", "error")
-    assert report["written"]["variant"] in ("torchscript", "onnx")
+    # "source" when no export is stably faster (--when-slower source): written through its exports
+    assert report["written"]["variant"] in ("torchscript", "onnx", "source")
     cfg = load_model_config(tmp_path / "repo" / "vadjit" / "config.yaml")
     assert [t.name for t in cfg.inputs] == ["x"]
 
@@ -525,7 +527,8 @@ def test_silero_vad_as_shipped(tmp_path, silero_dir, cli_env, file, targets):
                         if (repo / "vad" / "1" / "optimize-report.json").exists()
                         else (repo / "vad" / "optimize-report.json").read_text())
     rows = {v["name"]: v for v in report["variants"]}
-    assert set(rows) == set(targets)
+    # `source` is the row --when-slower adds when no variant is stably faster than the original.
+    assert set(targets) <= set(rows) <= {*targets, "source"}
     assert all(v["status"] in ("passed", "failed", "not-applicable", "unavailable", "error") for v in rows.values())
     assert rows[targets[0]]["status"] == "passed"
     assert report["constants"] == {"sr": 16000}
@@ -537,7 +540,7 @@ def test_silero_vad_as_shipped(tmp_path, silero_dir, cli_env, file, targets):
         errors = (rows["onnx-int8-static"].get("validation") or {}).get("errors") or {}
         if rows["onnx-int8-static"]["status"] == "passed" and errors:
             # Closed-loop over the stream, a quantized state that drifts cannot pass.
-            assert min(c["cosine_mean"] for c in errors.values()) >= 0.99
+            assert min(c["cosine_mean"] for c in errors.values() if c.get("cosine_mean") is not None) >= 0.99
 
 
 def test_torchscript_int_argument_fed_per_call_is_served(tmp_path):
