@@ -432,7 +432,9 @@ def setting_value(model: type[BaseModel], key: str, text: str) -> Any:
                              hint='quote JSON for the shell, e.g. op_types=\'["MatMul","Conv"]\'') from None
     if text.lower() in ("none", "null") and type(None) in args:
         return None
-    inner = [a for a in args if a is not type(None)] or [ann]
+    # Optional[X] / X | None: the non-None members; any other annotation (list[str]) is itself.
+    union = typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+    inner = [a for a in args if a is not type(None)] if union else [ann]
     if any(typing.get_origin(a) in (list, tuple, set) or a in (list, tuple, set) for a in inner):
         return [t.strip() for t in text.split("+") if t.strip()]
     return text

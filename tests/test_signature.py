@@ -594,6 +594,43 @@ def test_cli_refuses_bad_shape_options_before_any_work(tmp_path, cli_env):
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_model_that_keeps_state_inside_is_found_and_served_one_request_at_a_time():
+    """Two identical calls that answer differently: the state lives inside the model (silero-vad's
+    TorchScript file). It is reported, and such a model is never batched across requests."""
+    import torch
+
+    from serve_kit.optimize.signature import hidden_state
+
+    class Accumulates(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("acc", torch.zeros(1))
+
+        def forward(self, x):
+            self.acc += x.sum()
+            return x * self.acc
+
+    class Pure(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    x = np.ones((4, 3), np.float32)
+    spec = TensorSpec(name="x", datatype="FP32", shape=[-1, 3])
+    ds = cal.Dataset({"x": x}, None, origin="test")
+    for module, keeps in ((Accumulates(), True), (Pure(), False)):
+        sig = Signature([spec], [TensorSpec(name="y", datatype="FP32", shape=[-1, 3])])
+
+        def fn(batch, m=module):
+            with torch.no_grad():
+                return {"y": m(torch.from_numpy(batch["x"])).numpy()}
+
+        evidence = hidden_state(fn, sig, ds)
+        assert bool(evidence) is keeps, evidence
+        sig.hidden_state = evidence
+        assert sig.served_max_batch(8) == (0 if keeps else 8)
+        assert ("hidden_state" in sig.describe()) is keeps
+
+
 # -- a PyTorch recurrent model: state on axis 1 through every export ---------------------------
 
 

@@ -384,6 +384,8 @@ def test_target_settings_are_typed_by_the_target_config():
     assert parse_target_arg('onnx-int8-static:op_types=["MatMul","Conv"],diagnose=no').config == {
         "op_types": ["MatMul", "Conv"], "diagnose": False}
     assert parse_target_arg("onnx-int8-static:op_types=none").config == {"op_types": None}
+    # A list that is not Optional (onnx-int8-dynamic's op_types) takes the same A+B form.
+    assert parse_target_arg("onnx-int8-dynamic:op_types=Conv+MatMul").config == {"op_types": ["Conv", "MatMul"]}
     assert parse_target_arg("onnx").config == {} and parse_target_arg("onnx").gate is None
 
 

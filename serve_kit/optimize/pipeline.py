@@ -224,6 +224,8 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
     sig, split = signature.resolve(job, source, lambda specs, **kw: _load_data(job, specs, progress, **kw))
     split = _cap(split, job.data)
     inputs, outputs = sig.inputs, sig.outputs
+    if sig.hidden_state:
+        progress.warn(f"WARNING: {sig.hidden_state}")
     for ds in (split.calibration, split.evaluation):
         if ds.synthetic:
             progress.warn(f"{ds.origin}: synthetic data")
@@ -717,6 +719,9 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
         fresh.update(dynamic_batching=old.dynamic_batching, instance_group=old.instance_group,
                      max_batch_size=sig.served_max_batch(old.max_batch_size), version_policy=old.version_policy,
                      warmup=old.warmup, parameters=old.parameters)
+    if sig.hidden_state:
+        # A warm-up request would leave its state for the first client's stream.
+        fresh["warmup"] = {"batch_sizes": []}
     # What the file needs to load as validated (e.g. `device: cuda`) wins over older parameters.
     fresh["parameters"] = {**fresh.get("parameters", {}),
                            **{k: _parameter(v) for k, v in artifact.backend_options.items()}}

@@ -118,6 +118,10 @@ class Signature:
     constants: dict[str, np.ndarray] = field(default_factory=dict)
     state: dict[str, str] = field(default_factory=dict)
     """Output name -> the input it feeds at the next step."""
+    hidden_state: str | None = None
+    """Set (to the evidence) when the model keeps state inside between calls: two identical calls
+    answer differently (e.g. silero-vad's TorchScript file holds its recurrent state in
+    attributes). Served, each request then continues whatever state the previous one left."""
 
     def input(self, name: str) -> TensorSpec:
         return next(s for s in self.inputs if s.name == name)
@@ -139,12 +143,14 @@ class Signature:
 
     def served_max_batch(self, wanted: int) -> int:
         """config.yaml's max_batch_size: `wanted`, or 0 (served unbatched, full shapes) when a
-        tensor has no batch axis or carries it elsewhere than first, or the model keeps state."""
-        return wanted if self.batchable() and not self.stateful else 0
+        tensor has no batch axis or carries it elsewhere than first, or the model keeps state (also
+        inside: requests of several clients batched together would share it)."""
+        return wanted if self.batchable() and not self.stateful and not self.hidden_state else 0
 
     def describe(self) -> dict[str, Any]:
         return {"constants": {k: v.tolist() for k, v in self.constants.items()},
-                **({"state": dict(self.state)} if self.state else {})}
+                **({"state": dict(self.state)} if self.state else {}),
+                **({"hidden_state": self.hidden_state} if self.hidden_state else {})}
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -427,6 +433,24 @@ def probe_outputs(fn: RunFn, sig: Signature, ds: Dataset, declared: list[TensorS
     return specs
 
 
+def hidden_state(fn: RunFn, sig: Signature, ds: Dataset) -> str | None:
+    """The evidence that a model keeps state between calls, or None: the same input, sent three
+    times in a row, must get the same answer the second and third time (the first may follow a
+    call of another batch size, which some stateful modules take as a reset)."""
+    batch = probe_batch(sig, ds, 1)
+    _call(fn, batch, sig)
+    a, b = _call(fn, batch, sig), _call(fn, batch, sig)
+    for name in a:
+        x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
+        if x.shape != y.shape or not np.allclose(x, y, rtol=1e-5, atol=1e-6):
+            diff = float(np.max(np.abs(x - y))) if x.shape == y.shape else float("inf")
+            return (f"two identical calls answered differently (output {name!r}, max difference {diff:.3g}): the "
+                    "model keeps state inside between calls; served, each request continues the state the "
+                    "previous request left, whichever client sent it; variants were validated in the reference's "
+                    "call order")
+    return None
+
+
 def probe_batch(sig: Signature, ds: Dataset, n: int) -> dict[str, np.ndarray]:
     """n copies of the first sample (state inputs from the data or zeros)."""
     idx = np.zeros(n, dtype=np.int64)
@@ -678,6 +702,8 @@ def resolve(job, source, load_data: Callable[..., tuple[Any, dict | None]]) -> t
     graph_outputs = source.outputs if source.kind == "onnx" else None
     sig.outputs = probe_outputs(source.run, sig, probe_ds, job.outputs, graph_outputs)
     check_state(state, sig.inputs, sig.outputs)
+    if source.kind in ("torch", "torchscript"):
+        sig.hidden_state = hidden_state(source.run, sig, probe_ds)
     if constants and source.kind == "onnx":
         _check_baked(source, sig, probe_ds)
     source.outputs = sig.outputs

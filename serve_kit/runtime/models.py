@@ -162,7 +162,8 @@ def _warmup_inputs(config: ModelConfig, version_dir: Path) -> list[dict[str, np.
         if samples is None:
             log.warning("%s: no usable samples.npz in %s; warming up with zeros", config.name, version_dir)
     batching = config.max_batch_size > 0
-    sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching else [1]
+    sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching \
+        else [1][:len(config.warmup.batch_sizes)]  # `batch_sizes: []` turns warm-up off
     runs = []
     for b in sizes:
         inputs = {}
