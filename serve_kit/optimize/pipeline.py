@@ -782,6 +782,8 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
             "calibration": report["calibration"], "evaluation": report["evaluation"],
             "tools": report["tools"], "target_config": rec["config"], "details": rec.get("details", {}),
             "validation": rec["validation"], "latency": rec.get("latency"),
+            "speedup": {"over": report["reference"]["name"], "stable_ratio": rec.get("speedup"),
+                        "range": rec.get("speedup_range")},
             "reference": {"name": report["reference"]["name"], "metric": report["reference"]["metric"]},
             "recipe": report["recipe"], "samples_file": SAMPLES,
             **({"forced": report["forced"]} if report.get("forced") else {}),
