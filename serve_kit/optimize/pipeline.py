@@ -1,8 +1,12 @@
 """The optimize pipeline: source -> variants -> validation gates -> latency -> one new version.
 
-Fail-closed: a variant that misses its accuracy gate is never written. By default the whole run
-then fails (exit 3) and the repository is left as it was; with `keep_going` the fastest variant
-that passed is written and the misses are reported.
+Every target ends in one row (`passed | failed | not-applicable | unavailable | error | bug`):
+a failure inside one never stops the others, and the run's report is written whatever happens
+(`<model>/.runs/`, and inside the version it wrote). Fail-closed: a variant that misses its
+gate is never written, and a missed gate or an error blocks writing altogether unless
+`keep_going`. The reference and the passing variants are measured interleaved; the fastest is
+written only when it is stably faster than the reference (else the source, or nothing).
+`outcome` turns a report into the command's exit code (README "Exit codes").
 """
 
 from __future__ import annotations
@@ -228,7 +232,17 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     finally:
         report["seconds"] = round(time.time() - started, 2)
         report["exit_code"] = report.get("aborted", {}).get("exit_code", outcome(report, job.strict))
-        _write_report(job, model_name, report)
+        try:
+            _write_report(job, model_name, report)
+        except OSError as e:
+            # Never hide why the run stopped behind a failure to log it.
+            progress.warn(f"could not write the run's report: {e}")
+            if "aborted" not in report:
+                from ..errors import RepositoryError
+
+                raise RepositoryError(f"could not write the run's report: {e.strerror or e}",
+                                      value=str(e.filename or report["run_report_path"]),
+                                      origin="--repository / --report") from None
     return report
 
 
@@ -524,7 +538,8 @@ def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any],
             report["selection_error"] = f"--select {job.select}: that variant {status}"
     elif job.select == "fastest" and passed:
         chosen = _fastest(job, report, [r for r in passed if r.get("latency")])
-        if chosen is None and job.when_slower == "source" and not (blocking and not job.keep_going):
+        if chosen is None and report.get("slower") and job.when_slower == "source" \
+                and not (blocking and not job.keep_going):
             chosen = _source_row(job, report, built, source, ctx, evaluation, ref_out, metric, ref_metric, progress)
     report["selected"] = chosen["name"] if chosen else None
     if chosen and (not blocking or job.keep_going):
@@ -534,7 +549,15 @@ def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any],
         report["not_written_because"] = (", ".join(f"{r['name']} {r['status']}" for r in blocking)
                                          + " (use --keep-going to write the fastest passing one anyway)")
     elif report.get("slower"):
-        report["not_written_because"] = report["slower"] + " (--when-slower nothing)"
+        why = report["slower"]
+        if job.when_slower == "nothing":
+            why += " (--when-slower nothing)"
+        elif blocking and not job.keep_going:
+            why += "; and the source is not written either: " + ", ".join(
+                f"{r['name']} {r['status']}" for r in blocking) + " (--keep-going writes it anyway)"
+        report["not_written_because"] = why
+    elif passed and job.select == "fastest":
+        report["not_written_because"] = "no passing variant could be measured (see its row)"
     elif job.select != "none" and not report.get("selection_error"):
         report["not_written_because"] = "no variant passed its gate"
 
