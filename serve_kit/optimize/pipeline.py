@@ -733,13 +733,24 @@ def failure_row(e: BaseException, phase: str | None = None) -> dict[str, Any]:
         return {"status": "unavailable", "reason": e.render(), **where}
     if isinstance(e, ServeKitError):
         return {"status": "error", "error": e.render(), **where}
-    first = (str(e).strip().splitlines() or [""])[0][:500]
+    first = _first_line(e)
     library, function = raised_in(e)
     if library is None:
         return {"status": "bug", "error": f"{type(e).__name__}: {first}",
                 "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)), **where}
     text = f"{library} raised {type(e).__name__}" + (f" in {function}" if function else "") + (f": {first}" if first else "")
     return {"status": "error", "error": text, "library": library, **where}
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of an exception's message that says what went wrong. (TorchScript puts its
+    interpreter's stack first and the raised error last.)"""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if "TorchScript interpreter" in lines[0] and len(lines) > 1:
+        return lines[-1][:500]
+    return lines[0][:500]
 
 
 def raised_in(e: BaseException) -> tuple[str | None, str | None]:
