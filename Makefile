@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 REPO ?= model-repository
 
-.PHONY: demo test clean
+.PHONY: demo test zoo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Only the model zoo (tests/zoo): serve-kit optimize on real models from PyPI wheels, with real data
+# (needs espeak-ng and fonts-dejavu-core from Debian; .ci/run installs them). The larger run with
+# figures: $(BIN)/python benchmarks/zoo.py --repeat 2.
+zoo: $(STAMP)
+	$(BIN)/python -m pytest -q -m zoo tests/zoo
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache

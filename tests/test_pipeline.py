@@ -150,7 +150,7 @@ def test_synthetic_data_refused_unless_asked_and_then_recorded(tmp_path):
 
 def test_signature_is_inferred_from_forward_and_data(tmp_path, npz):
     report = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx")]))
-    assert report["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, 64]}
+    assert report["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, 64], "batch_axis": 0}
 
 
 @pytest.mark.parametrize("kind", ["onnx", "torchscript", "pt2", "safetensors", "state_dict"])

@@ -483,7 +483,13 @@ def _samples(config, version_dir: Path, synthetic: bool, what: str) -> tuple[dic
                                                   for t in config.inputs]
     path = version_dir / SAMPLES
     if path.is_file():
-        return cal.to_dataset(read_samples(path)[0], specs, "labels", str(path)).inputs, False
+        stored = read_samples(path)[0]
+        if not batching:
+            # optimize stores an unbatched model's samples as one whole request (state [2, n, 128]
+            # beside input [n, 576], scalars 0-d): that request is the one sample.
+            ranks = {t.name: len(t.shape) for t in config.inputs}
+            stored = {k: v[None] if k in ranks and v.ndim == ranks[k] else v for k, v in stored.items()}
+        return cal.to_dataset(stored, specs, "labels", str(path)).inputs, False
     if not synthetic:
         raise DataError(f"{what} has no samples.npz to measure with", value=str(version_dir),
                         hint="versions written by `serve-kit optimize` have one; or measure on random inputs "

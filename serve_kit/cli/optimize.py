@@ -16,23 +16,10 @@ from . import app
 from ._common import err, human_size, out, run_with_progress, show
 
 
-def _parse_gate(items: list[str]) -> dict[str, dict[str, float]]:
-    gates: dict[str, dict[str, float]] = {}
-    fields = set(GateConfig.model_fields)
-    for item in items:
-        key, sep, value = item.partition("=")
-        prec, dot, fld = key.partition(".")
-        if not sep or not dot or fld not in fields or prec not in (*DEFAULT_GATES, "all"):
-            raise UsageError("gate is not PRECISION.FIELD=VALUE", value=item, origin="--gate",
-                             hint=f"precisions: {', '.join(DEFAULT_GATES)}, all; fields: {', '.join(sorted(fields))}"
-                                  "; e.g. --gate int8.max_metric_drop=0.5")
-        try:
-            number = float(value)
-        except ValueError:
-            raise UsageError("gate value is not a number", value=value, origin=f"--gate {item}") from None
-        for p in (DEFAULT_GATES if prec == "all" else [prec]):
-            gates.setdefault(p, {})[fld] = number
-    return gates
+def _parse_gate(items: list[str]) -> dict[str, dict]:
+    from ..config import parse_gate_args
+
+    return parse_gate_args(items)
 
 
 def _spec_list(items: list[str], flag: str) -> list[TensorSpec] | None:
@@ -49,10 +36,16 @@ def optimize(
     model_name: Optional[str] = typer.Option(None, "--name", help="Model name in the repository."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights for a factory: .safetensors or a state_dict "
                                                                   "(loaded with weights_only=True)."),
-    inputs: list[str] = typer.Option([], "--input", help="Input spec NAME:DATATYPE:SHAPE, e.g. input:FP32:-1x1x8x8 "
+    inputs: list[str] = typer.Option([], "--input", help="Input spec NAME:DATATYPE:SHAPE[@AXIS], e.g. "
+                                                         "input:FP32:-1x1x8x8, state:FP32:2x-1x128@1 (batch on axis 1), "
+                                                         "x:FP32:3x4@none (no batch axis), sr:INT64:scalar "
                                                          "(repeat per input)."),
     outputs: list[str] = typer.Option([], "--output", help="Output spec NAME:DATATYPE:SHAPE (repeat per output)."),
-    targets: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat); default: the recipe's, "
+    targets: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat), with settings if wanted: "
+                                                                 "NAME:KEY=VALUE,..., e.g. onnx-int8-static:"
+                                                                 "calibration_method=entropy,diagnose=false or "
+                                                                 "onnx-int8-dynamic:op_types=MatMul+Gemm,"
+                                                                 "gate.max_flip_rate=0.02; default: the recipe's, "
                                                                  "else all CPU targets."),
     calibration_data: Optional[str] = typer.Option(None, "--calibration-data", help=".npz, .npy or folder of them."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out evaluation data (default: a split of "
@@ -62,13 +55,22 @@ def optimize(
     allow_synthetic: bool = typer.Option(False, "--allow-synthetic-calibration",
                                          help="Calibrate and validate on random data (loudly labelled)."),
     gate: list[str] = typer.Option([], "--gate", help="Loosen or tighten a gate: PRECISION.FIELD=VALUE, e.g. "
-                                                      "int8.max_metric_drop=0.5 or all.min_cosine=0.999."),
+                                                      "int8.max_metric_drop=0.5, all.min_cosine=0.999, "
+                                                      "int8.max_flip_rate=none (off) or all.kinds.OUTPUT=probability "
+                                                      "(see README \"Gates\")."),
     select: str = typer.Option("fastest", "--select", help="`fastest` passing variant, a target name, or `none` "
                                                            "(validate only, write nothing)."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Write the fastest passing variant even when "
                                                                 "others miss their gate or fail (exit 0 unless a "
                                                                 "row is a serve-kit bug)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Latency batch sizes, e.g. 1,32."),
+    # -- model shapes (optimize/signature.py) --
+    constants: list[str] = typer.Option([], "--constant", help="Bake an input or forward() argument into the model: "
+                                                               "NAME=VALUE (a number, bool, string or JSON list), e.g. "
+                                                               "sr=16000; it leaves the served signature (repeat)."),
+    state: list[str] = typer.Option([], "--state", help="OUTPUT=INPUT: the output feeds the input at the next call, "
+                                                        "e.g. stateN=state; data are then consecutive chunks of "
+                                                        "streams, run closed-loop (repeat)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report here (it is always kept "
                                                                  "in <repository>/<model>/.runs/, and in the version "
                                                                  "it wrote)."),
@@ -101,6 +103,7 @@ def optimize(
 
     job = _build_job(model, recipe, repository, model_name, weights, inputs, outputs, targets, calibration_data,
                      eval_data, label_key, metric, allow_synthetic, gate, select, keep_going, batch_sizes, report)
+    _shapes_options(job, constants, state)
     _pipeline_options(job, strict, force, max_memory, min_speedup, when_slower)
     result = run_with_progress(run, job)
     show(result, render)
@@ -166,11 +169,11 @@ def _build_job(model, recipe, repository, model_name, weights, inputs, outputs, 
         data = data.model_copy(update={"label_key": label_key})
     gates = {k: v.model_copy() for k, v in (r.gates.items() if r else [])}
     for prec, fields in _parse_gate(gate).items():
-        base = gates.get(prec, GateConfig())
-        gates[prec] = GateConfig(**{**base.model_dump(exclude_unset=True), **fields})
+        gates[prec] = gates.get(prec, GateConfig()).merged(GateConfig(**fields))
     if targets:
-        by_name = {t.name: t for t in (r.targets if r else [])}
-        target_specs = [by_name.get(t, TargetSpec(name=t)) for t in targets]
+        from ..optimize.target_args import parse_target_args
+
+        target_specs = parse_target_args(targets, r.targets if r else None)
     else:
         target_specs = list(r.targets) if r else []
     for t in target_specs:
@@ -190,7 +193,16 @@ def _build_job(model, recipe, repository, model_name, weights, inputs, outputs, 
         targets=target_specs, gates=gates, latency=latency,
         repo_spec=r.repository if r else RepositorySpec(),
         model_name=model_name, select=select, keep_going=keep_going, recipe=r.name if r else None,
-        report_path=report)
+        report_path=report,
+        constants=dict(r.constants) if r else {}, state=dict(r.state) if r else {})
+
+
+def _shapes_options(job, constants: list[str], state: list[str]) -> None:
+    """--constant and --state (checked here, before any work; applied by optimize/signature.py)."""
+    from ..optimize.signature import parse_constants, parse_state
+
+    job.constants = {**job.constants, **parse_constants(constants)}
+    job.state = {**job.state, **parse_state(state)}
 
 
 def _fmt_ms(v: dict | None, b: str) -> str:
@@ -244,7 +256,9 @@ def render(result: dict) -> None:
         for b in sizes:
             row += [_fmt_ms(v.get("latency"), b), _fmt_speedup(v, b)]
         row.append(f"{max(e['max_abs_error'] for e in errors.values()):.2e}" if errors else "-")
-        row.append(f"{min(e['cosine_mean'] for e in errors.values()):.6f}" if errors else "-")
+        # One-element outputs have no cosine (None): it would be 1.0 whatever the error.
+        cosines = [e["cosine_mean"] for e in errors.values() if e.get("cosine_mean") is not None]
+        row.append(f"{min(cosines):.6f}" if cosines else "-")
         if val.get("metric") is not None:
             d = val.get("metric_delta")
             row.append(f"{val['metric']:.2f} ({d:+.2f})" if d is not None else f"{val['metric']:.2f}")

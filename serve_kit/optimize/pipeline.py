@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import math
 import platform
 import shutil
@@ -28,15 +27,16 @@ import numpy as np
 
 from .. import __version__
 from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, ModelConfig, RepositorySpec, SourceSpec,
-                      TargetSpec, TensorSpec, datatype_of, parse_model)
-from ..errors import DataError, InputError, ServeKitError, TargetNotApplicable, TargetUnavailable, UsageError
+                      TargetSpec, TensorSpec, parse_model)
+from ..errors import DataError, ServeKitError, TargetNotApplicable, TargetUnavailable, UsageError
 from ..progress import ProgressSink
 from ..repository import REPORT, SAMPLES, Repository, atomic_write_text, load_model_config, write_samples
 from ..runtime.backends import load_backend
 from . import calibration as cal
+from . import signature
 from .source import Source, load_source
 from .target import Artifact, BuildContext, Target, target_class
-from .validate import Metric, run_batched, validate
+from .validate import Metric, validate
 
 DEFAULT_TARGETS = ["torchscript", "onnx", "onnx-int8-static", "onnx-int8-dynamic", "onnx-int4"]
 SAMPLES_STORED = 8
@@ -63,6 +63,10 @@ class OptimizeJob:
     keep_going: bool = False
     recipe: str | None = None
     report_path: Path | None = None
+    constants: dict[str, Any] = field(default_factory=dict)
+    """Input name -> value baked into the model (`--constant sr=16000`); see optimize/signature.py."""
+    state: dict[str, str] = field(default_factory=dict)
+    """Output name -> the input it feeds at the next step (`--state stateN=state`)."""
     strict: bool = False
     """Targets that do not apply or cannot run here count as errors (block writing, exit 1)."""
     force: bool = False
@@ -107,52 +111,15 @@ def tool_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# signature
 
 
-def _check_against_onnx(specs: list[TensorSpec], graph: list[TensorSpec], what: str, origin: str) -> None:
-    by_name = {g.name: g for g in graph}
-    names = [s.name for s in specs]
-    if sorted(names) != sorted(by_name):
-        raise InputError(f"{what} names {names} do not match the ONNX model's {what} {sorted(by_name)}",
-                         origin=origin, hint=f"use the model's names, e.g. {graph[0].describe()}")
-    for s in specs:
-        g = by_name[s.name]
-        if s.datatype != g.datatype or len(s.shape) != len(g.shape) or any(
-                a != b and -1 not in (a, b) for a, b in zip(s.shape, g.shape)):
-            raise InputError(f"{what} spec {s.describe()} does not match the ONNX model's {g.describe()}",
-                             value=s.describe(), origin=origin, hint=f"the model declares {g.describe()}")
-
-
-def _infer_inputs(source: Source, arrays: dict[str, np.ndarray] | None) -> list[TensorSpec]:
-    """Input specs of a torch source from its forward() parameters and the data's arrays."""
-    if arrays is None:
-        raise UsageError("the input signature of a PyTorch model is needed", value=source.ref, origin="--model",
-                         hint="give --input NAME:DATATYPE:SHAPE (e.g. input:FP32:-1x1x8x8), or real data to infer it")
-    try:
-        params = [p for p in inspect.signature(source.model.forward).parameters]
-    except (TypeError, ValueError):
-        params = []
-    names = [n for n in arrays if n in params] if params else list(arrays)
-    if not names and len(arrays) == 1 and len(params) >= 1:
-        names = list(arrays)
-    if not names:
-        raise UsageError("cannot infer the input signature: the data's arrays do not name forward() parameters",
-                         value=sorted(arrays), origin="--calibration-data",
-                         hint=f"forward() takes {params}; give --input for each, or name the arrays so")
-    return [TensorSpec(name=n, datatype=datatype_of(arrays[n].dtype), shape=[-1, *arrays[n].shape[1:]])
-            for n in names]
-
-
-def _outputs_from_run(out: dict[str, np.ndarray]) -> list[TensorSpec]:
-    return [TensorSpec(name=k, datatype=datatype_of(v.dtype), shape=[-1, *v.shape[1:]]) for k, v in out.items()]
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: ProgressSink) -> tuple[cal.DataSplit | None, dict | None]:
-    """The data split, or raw arrays when the signature must first be inferred from them."""
+def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: ProgressSink,
+               optional: frozenset[str] = frozenset(), streams: bool = False, ignore: frozenset[str] = frozenset()
+               ) -> tuple[cal.DataSplit | None, dict | None]:
+    """The data split, or raw arrays when the signature must first be inferred from them.
+    `optional`: inputs the data may lack (state, starting from zeros); `streams`: samples are
+    consecutive chunks of streams (kept in order by the split); `ignore`: arrays to drop (inputs
+    made constants)."""
     d = job.data
     if d.function:
         if specs is None:
@@ -161,8 +128,8 @@ def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: Progr
     if d.calibration:
         if specs is None:
             arrays, _ = cal.load_arrays(Path(d.calibration), [], d.label_key)
-            return None, arrays
-        return _split_from_paths(d, specs), None
+            return None, {k: v for k, v in arrays.items() if k not in ignore}
+        return _split_from_paths(d, specs, optional, streams, ignore), None
     if d.evaluation:
         raise UsageError("--eval-data needs --calibration-data too", origin="--eval-data")
     if not job.allow_synthetic:
@@ -179,13 +146,14 @@ def _load_data(job: OptimizeJob, specs: list[TensorSpec] | None, progress: Progr
                          cal.synthetic(specs, min(d.max_evaluation_samples, 128), seed=1)), None
 
 
-def _split_from_paths(d: DataSpec, specs: list[TensorSpec]) -> cal.DataSplit:
+def _split_from_paths(d: DataSpec, specs: list[TensorSpec], optional: frozenset[str] = frozenset(),
+                      streams: bool = False, ignore: frozenset[str] = frozenset()) -> cal.DataSplit:
     arrays, origin = cal.load_arrays(Path(d.calibration), specs, d.label_key)
-    calib = cal.to_dataset(arrays, specs, d.label_key, origin)
+    calib = cal.to_dataset(arrays, specs, d.label_key, origin, optional, ignore)
     if d.evaluation:
         arrays, origin = cal.load_arrays(Path(d.evaluation), specs, d.label_key)
-        return cal.DataSplit(calib, cal.to_dataset(arrays, specs, d.label_key, origin))
-    return cal.split(calib, d.max_calibration_samples, d.max_evaluation_samples)
+        return cal.DataSplit(calib, cal.to_dataset(arrays, specs, d.label_key, origin, optional, ignore))
+    return cal.split(calib, d.max_calibration_samples, d.max_evaluation_samples, streams=streams)
 
 
 def _cap(split: cal.DataSplit, d: DataSpec) -> cal.DataSplit:
@@ -266,36 +234,10 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
     with progress.task("load source model"):
         source = load_source(job.source)
 
-    # -- signature ---------------------------------------------------------------------------
-    inputs = job.inputs or source.inputs
-    if source.kind == "onnx" and job.inputs:
-        _check_against_onnx(job.inputs, source.inputs, "input", "--input")
-    split, raw = _load_data(job, inputs, progress)
-    if inputs is None:
-        inputs = _infer_inputs(source, raw)
-        split, _ = _load_data(job, inputs, progress)
+    # -- signature (optimize/signature.py: batch axes, constants, state) ---------------------------
+    sig, split = signature.resolve(job, source, lambda specs, **kw: _load_data(job, specs, progress, **kw))
     split = _cap(split, job.data)
-    source.inputs = inputs
-    declared_outputs = job.outputs or source.outputs
-    probe = split.evaluation.slice(0, 2)
-    try:
-        probe_out = source.run(probe)
-    except ServeKitError:
-        raise
-    except Exception as e:
-        raise InputError(f"the model fails on inputs of the declared signature: {str(e).strip().splitlines()[0][:300]}",
-                         value=", ".join(s.describe() for s in inputs), origin="--input / recipe inputs",
-                         hint="check names, datatypes and shapes against the model's forward()") from None
-    outputs = declared_outputs or _outputs_from_run(probe_out)
-    if len(outputs) != len(probe_out):
-        raise InputError(f"model returns {len(probe_out)} outputs but {len(outputs)} are declared",
-                         value=[o.name for o in outputs], origin="--output / recipe outputs")
-    for spec, arr in zip(outputs, probe_out.values()):
-        if arr.ndim != len(spec.shape) or any(w != -1 and w != g for w, g in zip(spec.shape[1:], arr.shape[1:])):
-            raise InputError(f"output {spec.describe()} does not match what the model returns (shape "
-                             f"{list(arr.shape)} for a batch of 2)", value=spec.describe(),
-                             origin="--output / recipe outputs")
-    source.outputs = outputs
+    inputs, outputs = sig.inputs, sig.outputs
     for ds in (split.calibration, split.evaluation):
         if ds.synthetic:
             progress.warn(f"{ds.origin}: synthetic data")
@@ -319,10 +261,16 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
     if metric and split.evaluation.labels is None:
         raise DataError(f"metric {job.metric!r} needs labels, and the evaluation data have none",
                         origin="evaluation data", hint=f"add a {job.data.label_key!r} array")
+    if metric:
+        metric.check_labels(split.evaluation.labels, len(split.evaluation), split.evaluation.origin or "evaluation data",
+                            job.data.label_key)
     with progress.task(f"reference outputs ({source.reference_name})", len(split.evaluation)) as adv:
-        ref_out = run_batched(source.run, split.evaluation, advance=adv)
+        # Stateful: closed-loop over the streams; the state inputs then hold what the reference saw.
+        evaluation, ref_out = sig.complete(source.run, split.evaluation, advance=adv)
+    split = cal.DataSplit(sig.calibration_set(source.run, split.calibration), evaluation)
     ref_metric = metric(ref_out, split.evaluation.labels) if metric else None
     report["reference"] = {"name": source.reference_name, "metric": ref_metric}
+    report.update(sig.describe())
 
     workdir = Path(tempfile.mkdtemp(prefix="serve-kit-optimize-"))
     try:
@@ -544,7 +492,7 @@ def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any],
     report["selected"] = chosen["name"] if chosen else None
     if chosen and (not blocking or job.keep_going):
         report["written"] = _write_version(job, model_name, chosen, built[chosen["name"]], report,
-                                           evaluation, ref_out)
+                                           evaluation, ref_out, ctx.source.signature)
     elif chosen:
         report["not_written_because"] = (", ".join(f"{r['name']} {r['status']}" for r in blocking)
                                          + " (use --keep-going to write the fastest passing one anyway)")
@@ -601,7 +549,8 @@ def _source_row(job: OptimizeJob, report: dict[str, Any], built: dict[str, Artif
     TorchScript file is copied; an eager PyTorch source is served through its FP32 TorchScript or
     ONNX export, whichever passed and measured faster). Validated like any variant."""
     rec: dict[str, Any] = {"name": "source", "precision": "fp32", "config": {}, "reason": report["slower"]}
-    if source.kind in ("onnx", "torchscript"):
+    # A TorchScript file with bound constants is not servable as is: its exports stand in for it.
+    if source.kind == "onnx" or (source.kind == "torchscript" and not ctx.source.signature.constants):
         backend, fname = ("onnxruntime", "model.onnx") if source.kind == "onnx" else ("torchscript", "model.pt")
         d = ctx.workdir / "source"
         d.mkdir(parents=True, exist_ok=True)
@@ -609,10 +558,11 @@ def _source_row(job: OptimizeJob, report: dict[str, Any], built: dict[str, Artif
         artifact = Artifact(d / fname, backend, details={"source_file": source.ref})
         try:
             b = _backend_for(artifact, ctx.inputs, ctx.outputs)
-            out = run_batched(b.infer, evaluation)
+            sig = ctx.source.signature
+            out = sig.run(b.infer, evaluation)
             del b
             gate, rec["gate_origin"] = _gate_for(job, "fp32", TargetSpec(name="source"))
-            v = validate(out, ref_out, evaluation, metric, ref_metric, gate)
+            v = validate(sig.batch_first(out), sig.batch_first(ref_out), evaluation, metric, ref_metric, gate)
         except Exception as e:  # noqa: BLE001 - the row says what broke, the run goes on
             rec.update(backend=backend, **failure_row(e, "validate"))
             report["variants"].append(rec)
@@ -685,10 +635,12 @@ def _run_target(job: OptimizeJob, spec: TargetSpec, target: Target, ctx: BuildCo
             phase = "load"
             backend = _backend_for(artifact, ctx.inputs, ctx.outputs)
             phase = "validate"
+            sig = ctx.source.signature
             with progress.task(f"validate {spec.name}", len(evaluation)) as adv:
-                out = run_batched(backend.infer, evaluation, advance=adv)
+                # As served: a stateful variant runs closed-loop on its own state.
+                out = sig.run(backend.infer, evaluation, advance=adv)
             del backend
-            v = validate(out, ref_out, evaluation, metric, ref_metric, gate)
+            v = validate(sig.batch_first(out), sig.batch_first(ref_out), evaluation, metric, ref_metric, gate)
             record.update(status="passed" if v.result.passed else "failed", validation=v.to_dict(),
                           details=artifact.details, size_bytes=artifact.path.stat().st_size,
                           build_seconds=round(build_s, 2), attempts=attempt, config=target.config.model_dump())
@@ -783,20 +735,21 @@ def _log_row(progress: ProgressSink, name: str, record: dict[str, Any]) -> None:
 
 
 def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artifact: Artifact,
-                   report: dict[str, Any], evaluation: cal.Dataset, ref_out: dict[str, np.ndarray]) -> dict[str, Any]:
+                   report: dict[str, Any], evaluation: cal.Dataset, ref_out: dict[str, np.ndarray],
+                   sig: signature.Signature) -> dict[str, Any]:
     repo = Repository(job.repository)
     inputs = [TensorSpec(**s) for s in report["inputs"]]
     outputs = [TensorSpec(**s) for s in report["outputs"]]
     cfg_path = job.repository / model_name / "config.yaml"
     spec = job.repo_spec
-    fresh = dict(name=model_name, backend=rec["backend"], max_batch_size=spec.max_batch_size,
+    fresh = dict(name=model_name, backend=rec["backend"], max_batch_size=sig.served_max_batch(spec.max_batch_size),
                  inputs=inputs, outputs=outputs, dynamic_batching=spec.dynamic_batching,
                  instance_group=spec.instance_group)
     if cfg_path.exists():
         # Keep the serving settings someone may have tuned; the signature and backend follow the model.
         old = load_model_config(cfg_path)
         fresh.update(dynamic_batching=old.dynamic_batching, instance_group=old.instance_group,
-                     max_batch_size=old.max_batch_size, version_policy=old.version_policy,
+                     max_batch_size=sig.served_max_batch(old.max_batch_size), version_policy=old.version_policy,
                      warmup=old.warmup, parameters=old.parameters)
     # What the file needs to load as validated (e.g. `device: cuda`) wins over older parameters.
     fresh["parameters"] = {**fresh.get("parameters", {}),
@@ -808,8 +761,7 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
         model_file = artifact.path.name
         shutil.copyfile(artifact.path, stage.dir / model_file)
         n = min(SAMPLES_STORED, len(evaluation))
-        write_samples(stage.dir / SAMPLES, {k: v[:n] for k, v in evaluation.inputs.items()},
-                      {k: v[:n] for k, v in ref_out.items()})
+        write_samples(stage.dir / SAMPLES, sig.head(evaluation.inputs, n), sig.head(ref_out, n))
         manifest = {
             "model_file": model_file, "backend": rec["backend"], "variant": rec["name"],
             "precision": rec["precision"], "source": report["source"],
@@ -820,6 +772,7 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
                         "range": rec.get("speedup_range")},
             "reference": {"name": report["reference"]["name"], "metric": report["reference"]["metric"]},
             "recipe": report["recipe"], "samples_file": SAMPLES,
+            **sig.describe(),
             **({"forced": report["forced"]} if report.get("forced") else {}),
         }
         version = stage.commit(config, manifest, extra_files=lambda v: {
