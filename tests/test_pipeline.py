@@ -300,6 +300,31 @@ class _Failing(target_mod.Target):
             _geomean([])  # a ZeroDivisionError raised by serve-kit's own code
         if how == "interrupt":
             raise KeyboardInterrupt
+        if how == "run":  # a valid model with a fixed batch of 1: ONNX Runtime itself refuses the batches
+            import onnx
+            from onnx import TensorProto, helper
+
+            w = helper.make_tensor("w", TensorProto.FLOAT, [64, 10], np.zeros(640, np.float32))
+            graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["output_0"])], "fixed",
+                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                                      [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, [1, 10])], [w])
+            p = outdir / "model.onnx"
+            onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+            return target_mod.Artifact(p, "onnxruntime")
+        if how == "latency":  # validates, then breaks on the latency inputs (a batch of exactly 3)
+            class Picky(torch.nn.Module):
+                def __init__(self, inner: torch.nn.Module):
+                    super().__init__()
+                    self.inner = inner
+
+                def forward(self, x: torch.Tensor) -> torch.Tensor:
+                    if x.size(0) == 3:
+                        raise RuntimeError("cannot take a batch of 3")
+                    return self.inner(x)
+
+            p = outdir / "model.pt"
+            torch.jit.save(torch.jit.script(Picky(sk_models.mlp())), str(p))
+            return target_mod.Artifact(p, "torchscript")
         if how == "load":  # builds a file ONNX Runtime cannot load: fails in the pipeline's load phase
             p = outdir / "model.onnx"
             p.write_bytes(b"\x08\x07garbage")
@@ -320,10 +345,12 @@ def runs(tmp_path) -> list[dict]:
 
 def test_each_failure_inside_a_target_becomes_its_row(tmp_path, npz, failing):
     targets = [TargetSpec(name="onnx"), failing("not-applicable"), failing("error"), failing("library"),
-               failing("load"), failing("bug")]
+               failing("load"), failing("bug"), failing("run")]
     report = run(job(tmp_path, npz, targets=targets))
     rows = report["variants"]
-    assert [r["status"] for r in rows] == ["passed", "not-applicable", "error", "error", "error", "bug"]
+    assert [r["status"] for r in rows] == ["passed", "not-applicable", "error", "error", "error", "bug", "error"]
+    assert rows[6]["phase"] == "validate" and "onnxruntime" in rows[6]["error"], rows[6]
+    assert "dimension" in rows[6]["error"].lower()
     assert "no MatMul" in rows[1]["reason"]
     assert "converter gave up" in rows[2]["error"] and "another opset" in rows[2]["error"]
     assert rows[3]["library"] == "numpy" and "LinAlgError" in rows[3]["error"] and "Singular" in rows[3]["error"]
@@ -575,3 +602,16 @@ def test_a_changed_signature_or_source_is_refused_before_any_work_unless_forced(
                       output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
     with pytest.raises(UsageError, match="sha256"):
         run(job(tmp_path, npz, source=SourceSpec(path=str(other)), targets=[TargetSpec(name="onnx")]))
+
+
+def test_a_variant_failing_its_latency_run_is_an_error_row_and_the_rest_is_kept(tmp_path, npz, failing):
+    lat = LatencySpec(batch_sizes=[1, 3], min_seconds=0.05)
+    report = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx"), failing("latency")], latency=lat))
+    onnx, picky = report["variants"]
+    assert onnx["status"] == "passed" and set(onnx["latency"]) == {"1", "3"}
+    assert picky["status"] == "error" and picky["phase"] == "latency" and "batch of 3" in picky["error"]
+    assert "latency" not in picky and picky["validation"]["passed"] is True  # it did pass its gate
+    assert report["written"] is None and report["exit_code"] == 1  # fail-closed without --keep-going
+    kept = run(job(tmp_path, npz, targets=[TargetSpec(name="onnx"), failing("latency")], latency=lat,
+                   keep_going=True))
+    assert kept["written"]["variant"] == "onnx" and kept["exit_code"] == 0

@@ -61,7 +61,8 @@ def optimize(
     select: str = typer.Option("fastest", "--select", help="`fastest` passing variant, a target name, or `none` "
                                                            "(validate only, write nothing)."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Write the fastest passing variant even when "
-                                                                "others miss their gate (exit 0)."),
+                                                                "others miss their gate or fail (exit 0 unless a "
+                                                                "row is a serve-kit bug)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Latency batch sizes, e.g. 1,32."),
     # -- model shapes (optimize/signature.py) --
     constants: list[str] = typer.Option([], "--constant", help="Bake an input or forward() argument into the model: "
@@ -90,11 +91,13 @@ def optimize(
     """Export and quantize a model, validate every variant against the reference on held-out real
     data, and write the fastest variant that passed its gate as the next version in the repository.
 
-    A variant that misses its gate is never written. Exit codes: 0 a version was written (or, with
-    --select none, every variant validated); 1 a serve-kit bug in any row, or nothing written
-    because of errors or no target applied; 2 usage error (before any work); 3 nothing written
-    and a variant missed its gate. A missed gate or an error blocks writing unless --keep-going;
-    targets that do not apply never do, except with --strict.
+    A variant that misses its gate is never written. A missed gate or an error blocks writing unless --keep-going; targets that do not apply never do, except with --strict.
+
+    Exit codes:
+    0 a version was written (with --select none: every variant validated);
+    1 a serve-kit bug in any row, or nothing written because of errors or no target applied;
+    2 usage error (before any work);
+    3 nothing written and a variant missed its gate.
     """
     from ..optimize.pipeline import outcome, run
 

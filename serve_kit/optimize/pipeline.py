@@ -1,8 +1,12 @@
 """The optimize pipeline: source -> variants -> validation gates -> latency -> one new version.
 
-Fail-closed: a variant that misses its accuracy gate is never written. By default the whole run
-then fails (exit 3) and the repository is left as it was; with `keep_going` the fastest variant
-that passed is written and the misses are reported.
+Every target ends in one row (`passed | failed | not-applicable | unavailable | error | bug`):
+a failure inside one never stops the others, and the run's report is written whatever happens
+(`<model>/.runs/`, and inside the version it wrote). Fail-closed: a variant that misses its
+gate is never written, and a missed gate or an error blocks writing altogether unless
+`keep_going`. The reference and the passing variants are measured interleaved; the fastest is
+written only when it is stably faster than the reference (else the source, or nothing).
+`outcome` turns a report into the command's exit code (README "Exit codes").
 """
 
 from __future__ import annotations
@@ -196,7 +200,17 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     finally:
         report["seconds"] = round(time.time() - started, 2)
         report["exit_code"] = report.get("aborted", {}).get("exit_code", outcome(report, job.strict))
-        _write_report(job, model_name, report)
+        try:
+            _write_report(job, model_name, report)
+        except OSError as e:
+            # Never hide why the run stopped behind a failure to log it.
+            progress.warn(f"could not write the run's report: {e}")
+            if "aborted" not in report:
+                from ..errors import RepositoryError
+
+                raise RepositoryError(f"could not write the run's report: {e.strerror or e}",
+                                      value=str(e.filename or report["run_report_path"]),
+                                      origin="--repository / --report") from None
     return report
 
 
@@ -474,7 +488,8 @@ def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any],
             report["selection_error"] = f"--select {job.select}: that variant {status}"
     elif job.select == "fastest" and passed:
         chosen = _fastest(job, report, [r for r in passed if r.get("latency")])
-        if chosen is None and job.when_slower == "source" and not (blocking and not job.keep_going):
+        if chosen is None and report.get("slower") and job.when_slower == "source" \
+                and not (blocking and not job.keep_going):
             chosen = _source_row(job, report, built, source, ctx, evaluation, ref_out, metric, ref_metric, progress)
     report["selected"] = chosen["name"] if chosen else None
     if chosen and (not blocking or job.keep_going):
@@ -484,7 +499,15 @@ def _select_and_write(job: OptimizeJob, model_name: str, report: dict[str, Any],
         report["not_written_because"] = (", ".join(f"{r['name']} {r['status']}" for r in blocking)
                                          + " (use --keep-going to write the fastest passing one anyway)")
     elif report.get("slower"):
-        report["not_written_because"] = report["slower"] + " (--when-slower nothing)"
+        why = report["slower"]
+        if job.when_slower == "nothing":
+            why += " (--when-slower nothing)"
+        elif blocking and not job.keep_going:
+            why += "; and the source is not written either: " + ", ".join(
+                f"{r['name']} {r['status']}" for r in blocking) + " (--keep-going writes it anyway)"
+        report["not_written_because"] = why
+    elif passed and job.select == "fastest":
+        report["not_written_because"] = "no passing variant could be measured (see its row)"
     elif job.select != "none" and not report.get("selection_error"):
         report["not_written_because"] = "no variant passed its gate"
 
@@ -664,13 +687,24 @@ def failure_row(e: BaseException, phase: str | None = None) -> dict[str, Any]:
         return {"status": "unavailable", "reason": e.render(), **where}
     if isinstance(e, ServeKitError):
         return {"status": "error", "error": e.render(), **where}
-    first = (str(e).strip().splitlines() or [""])[0][:500]
+    first = _first_line(e)
     library, function = raised_in(e)
     if library is None:
         return {"status": "bug", "error": f"{type(e).__name__}: {first}",
                 "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)), **where}
     text = f"{library} raised {type(e).__name__}" + (f" in {function}" if function else "") + (f": {first}" if first else "")
     return {"status": "error", "error": text, "library": library, **where}
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of an exception's message that says what went wrong. (TorchScript puts its
+    interpreter's stack first and the raised error last.)"""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if "TorchScript interpreter" in lines[0] and len(lines) > 1:
+        return lines[-1][:500]
+    return lines[0][:500]
 
 
 def raised_in(e: BaseException) -> tuple[str | None, str | None]:
@@ -739,6 +773,8 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
             "calibration": report["calibration"], "evaluation": report["evaluation"],
             "tools": report["tools"], "target_config": rec["config"], "details": rec.get("details", {}),
             "validation": rec["validation"], "latency": rec.get("latency"),
+            "speedup": {"over": report["reference"]["name"], "stable_ratio": rec.get("speedup"),
+                        "range": rec.get("speedup_range")},
             "reference": {"name": report["reference"]["name"], "metric": report["reference"]["metric"]},
             "recipe": report["recipe"], "samples_file": SAMPLES,
             **sig.describe(),

@@ -82,8 +82,8 @@ def test_strict_gate_exits_3_and_leaves_the_repository_untouched(digits_repo, cl
     assert "nothing written" in r.stderr
     after = {k: v for k, v in tree(repo).items() if "/.runs/" not in k}
     assert after == before
-    assert rep["exit_code"] == 3 and rep["report_path"] in {str(p) for p in (repo / "digits" / ".runs").iterdir()}
     rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["exit_code"] == 3 and rep["report_path"] in {str(p) for p in (repo / "digits" / ".runs").iterdir()}
     assert rep["gate_failed"] == ["onnx-int8-static"] and rep["written"] is None
     assert len(rep["variants"][0]["history"]) >= 2  # the diagnosis tried before giving up
 
