@@ -596,12 +596,15 @@ def test_a_changed_signature_or_source_is_refused_before_any_work_unless_forced(
     assert forced["written"]["version"] == 3 and any("source kind" in c for c in forced["forced"])
     assert Repository(tmp_path / "repo").version("mlp").manifest["forced"] == forced["forced"]
     assert Repository(tmp_path / "repo").config("mlp").outputs[0].name == "y"
-    # a changed file is another source too
+    # another file of the same kind and signature is the model retrained: the next version, with
+    # the previous source recorded
     other = tmp_path / "m3.onnx"
     torch.onnx.export(sk_models.untrained_mlp(), (torch.zeros(2, 64),), str(other), input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
-    with pytest.raises(UsageError, match="sha256"):
-        run(job(tmp_path, npz, source=SourceSpec(path=str(other)), targets=[TargetSpec(name="onnx")]))
+    retrained = run(job(tmp_path, npz, source=SourceSpec(path=str(other)), targets=[TargetSpec(name="onnx")]))
+    assert retrained["written"]["version"] == 4 and "forced" not in retrained
+    assert retrained["source_previous"]["version"] == 3
+    assert retrained["source_previous"]["sha256"] != retrained["source"]["sha256"]
 
 
 def test_a_variant_failing_its_latency_run_is_an_error_row_and_the_rest_is_kept(tmp_path, npz, failing):

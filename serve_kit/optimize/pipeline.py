@@ -256,6 +256,9 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
                          origin=f"{job.repository / model_name}",
                          hint="write it under another name (--name), or as the next version anyway with --force "
                               "(recorded in the report and the manifest)")
+    prev = previous_source(job.repository, model_name)
+    if prev and prev.get("sha256") and prev.get("sha256") != report["source"].get("sha256"):
+        report["source_previous"] = {k: prev.get(k) for k in ("version", "ref", "sha256")}
     if changes:
         report["forced"] = changes
         progress.warn(f"--force: writing over a changed model: {'; '.join(changes)}")
@@ -301,8 +304,8 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
 def signature_changes(repository: Path, model_name: str, inputs: list[TensorSpec], outputs: list[TensorSpec],
                       source: dict[str, Any]) -> list[str]:
     """How a new version would differ from the model's latest one: inputs/outputs (names,
-    datatypes, shapes, as config.yaml holds them) and the source (kind; a file's sha256, a
-    factory's name). Empty when the model is new or the same."""
+    datatypes, shapes, as config.yaml holds them) and the source (its kind, a factory's name).
+    Empty when the model is new or the same model (retrained: another file is fine)."""
     repo = Repository(repository)
     cfg_path = repository / model_name / "config.yaml"
     if not cfg_path.exists():
@@ -325,10 +328,19 @@ def signature_changes(repository: Path, model_name: str, inputs: list[TensorSpec
             out.append(f"source kind {old_src.get('kind')} (v{info.version}) -> {source.get('kind')}")
         elif factory and old_src.get("ref") != source.get("ref"):
             out.append(f"source factory {old_src.get('ref')} (v{info.version}) -> {source.get('ref')}")
-        elif not factory and old_src.get("sha256") != source.get("sha256"):
-            out.append(f"source file {source.get('ref')}: sha256 {str(old_src.get('sha256'))[:12]} "
-                       f"(v{info.version}) -> {str(source.get('sha256'))[:12]}")
+        # Another file of the same kind and signature (sha256) is the model retrained: the
+        # normal next version, recorded in the report (`source_previous`) and not refused.
     return out
+
+
+def previous_source(repository: Path, model_name: str) -> dict[str, Any] | None:
+    """The source record of the model's latest version, if any."""
+    repo = Repository(repository)
+    numbers = repo.version_numbers(model_name) if (repository / model_name).is_dir() else []
+    if not numbers:
+        return None
+    info = repo.version(model_name, numbers[-1])
+    return {"version": info.version, **((info.manifest or {}).get("source") or {})}
 
 
 def _served_threads(job: OptimizeJob, model_name: str) -> int:
