@@ -217,7 +217,8 @@ class Int8StaticTarget(Target):
         probe = subset(evaluation.inputs, ctx.inputs, evenly(n_eval, cfg.diagnose_samples))
         n_cal = sample_count(ctx.calibration.inputs, ctx.inputs)
         used = int(calibration.get("samples_used", n_cal))
-        cal_index = evenly(n_cal, min(used, 4 * cfg.diagnose_samples))
+        # Trials only need ranges good enough to compare groups: a smaller calibration set than the build's.
+        cal_index = evenly(n_cal, min(used, 2 * cfg.diagnose_samples))
         cal_batch = int(calibration.get("batch_size", cfg.calibration_batch_size))
         if cfg.calibration_method in ("entropy", "percentile"):
             if len(cal_index) >= cal_batch:
