@@ -25,12 +25,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from serve_kit.config import SourceSpec, TensorSpec
-from serve_kit.errors import ConversionError, ServeKitError, TargetError, TargetNotApplicable
+from serve_kit.errors import ConversionError, TargetError, TargetNotApplicable
 from serve_kit.optimize.calibration import Dataset
 from serve_kit.optimize.quantize import count_ops
 from serve_kit.optimize.quantize.diagnose import tensor_sqnr
 from serve_kit.optimize.quantize.feeds import FeedReader
-from serve_kit.optimize.quantize.int8 import FLOAT_INPUT
 from serve_kit.optimize.quantize.prepare import check_written, prepare_for_quantization
 from serve_kit.optimize.source import load_source
 from serve_kit.optimize.target import BuildContext, target_class
@@ -233,7 +232,6 @@ def test_int8_static_on_the_opset11_detector_raises_the_opset_and_loads(ocr_det,
 
 def test_histogram_calibration_keeps_as_many_samples_as_the_budget_holds(ocr_det, tmp_path):
     pages = text_pages(12, size=96)
-    per_sample = None
     ctx = _ctx(ocr_det, tmp_path, DET, {"x": pages})
     first = _build("onnx-int8-static", ctx, {"calibration_method": "minmax"}, sub="probe")
     per_sample = first.details["calibration"]["activation_bytes_per_sample"]

@@ -173,7 +173,7 @@ class _ModeloptOnnxTarget(Target):
                                        value=self.name, hint="try another calibration_method, or exclude the "
                                        "failing nodes with nodes_to_exclude") from None
         if not path.is_file():
-            raise ConversionError(f"Model Optimizer {self.mode} quantization wrote no model", value=str(path))
+            raise ConversionError(f"Model Optimizer {self.mode} quantization wrote no model", value=self.name)
         ops = count_ops(path)
         if not (ops.get("DequantizeLinear") or ops.get("TRT_INT4DequantizeLinear")):
             raise TargetNotApplicable(f"Model Optimizer {self.mode} quantized nothing in this graph",
