@@ -25,12 +25,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from serve_kit.config import SourceSpec, TensorSpec
-from serve_kit.errors import ConversionError, ServeKitError, TargetError, TargetNotApplicable
+from serve_kit.errors import ConversionError, TargetError, TargetNotApplicable
 from serve_kit.optimize.calibration import Dataset
 from serve_kit.optimize.quantize import count_ops
 from serve_kit.optimize.quantize.diagnose import tensor_sqnr
 from serve_kit.optimize.quantize.feeds import FeedReader
-from serve_kit.optimize.quantize.int8 import FLOAT_INPUT
 from serve_kit.optimize.quantize.prepare import check_written, prepare_for_quantization
 from serve_kit.optimize.source import load_source
 from serve_kit.optimize.target import BuildContext, target_class
@@ -233,7 +232,6 @@ def test_int8_static_on_the_opset11_detector_raises_the_opset_and_loads(ocr_det,
 
 def test_histogram_calibration_keeps_as_many_samples_as_the_budget_holds(ocr_det, tmp_path):
     pages = text_pages(12, size=96)
-    per_sample = None
     ctx = _ctx(ocr_det, tmp_path, DET, {"x": pages})
     first = _build("onnx-int8-static", ctx, {"calibration_method": "minmax"}, sub="probe")
     per_sample = first.details["calibration"]["activation_bytes_per_sample"]
@@ -409,3 +407,81 @@ def test_peak_memory_of_the_detector_stays_within_the_budget(ocr_det, tmp_path, 
     # What the interpreter, torch/onnx imports and the data take before any quantization.
     baseline = 700 << 20
     assert out["vm_hwm"] < baseline + budget, out
+
+
+def test_static_int8_on_a_graph_without_compute_ops_is_not_applicable(tmp_path):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    ctx = _ctx(path, tmp_path, [Spec("x", [-1, 8])], {"x": np.ones((4, 8), np.float32)})
+    with pytest.raises(TargetNotApplicable, match="no op that static INT8 quantizes"):
+        _build("onnx-int8-static", ctx)
+
+
+# --- properties ---------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(out_ch=st.integers(1, 6), in_ch=st.integers(1, 4), per_axis=st.booleans(), dq=st.booleans(),
+       unsigned=st.booleans(), seed=st.integers(0, 2**16))
+def test_folded_dequantization_equals_onnx_runtimes(tmp_path_factory, out_ch, in_ch, per_axis, dq, unsigned, seed):
+    """Whatever the layout (DequantizeLinear per tensor or per axis, or Cast+Sub+Mul), the folded
+    float weight computes what ONNX Runtime computed from the stored integers."""
+    tmp = tmp_path_factory.mktemp("fold")
+    rng = np.random.default_rng(seed)
+    qtype = np.uint8 if unsigned else np.int8
+    info = np.iinfo(qtype)
+    q = rng.integers(info.min, info.max + 1, (out_ch, in_ch, 3, 3)).astype(qtype)
+    n_scales = out_ch if per_axis else 1
+    scale = rng.uniform(1e-3, 0.1, n_scales).astype(np.float32)
+    zp = rng.integers(info.min // 2, info.max // 2 + 1, n_scales).astype(qtype)
+    if not per_axis:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zp, "z")]
+    if dq:
+        nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=0, name="dq")]
+    else:
+        shape = [-1, 1, 1, 1] if per_axis else []
+        inits[1] = numpy_helper.from_array(scale.reshape(shape) if shape else scale, "s")
+        inits[2] = numpy_helper.from_array(zp.reshape(shape) if shape else zp, "z")
+        nodes = [helper.make_node("Cast", ["q"], ["qf"], to=TensorProto.FLOAT, name="cq"),
+                 helper.make_node("Cast", ["z"], ["zf"], to=TensorProto.FLOAT, name="cz"),
+                 helper.make_node("Sub", ["qf", "zf"], ["d"], name="sub"),
+                 helper.make_node("Mul", ["d", "s"], ["w"], name="mul")]
+    nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], name="conv"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_ch, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_ch, 3, 3])], inits)
+    src, dst = tmp / "src.onnx", tmp / "dst.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(src))
+    details = prepare_for_quantization(src, dst)
+    assert details["folded_weights"]["count"] == 1 and count_ops(dst) == {"Conv": 1}
+    x = rng.standard_normal((1, in_ch, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(_run(dst, {"x": x})[0], _run(src, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), batch=st.integers(1, 16), equal=st.booleans(), axis1=st.booleans())
+def test_feed_reader_covers_the_samples_once_along_each_inputs_batch_axis(n, batch, equal, axis1):
+    specs = [Spec("a", [-1, 3]), Spec("state", [2, -1, 4], 1) if axis1 else Spec("state", [-1, 2, 4]),
+             Spec("sr", [], None)]
+    a = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    state = np.arange(n, dtype=np.float32)[None, :, None] * np.ones((2, 1, 4), np.float32) if axis1 else \
+        np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 2, 4), np.float32)
+    reader = FeedReader({"a": a, "state": state, "sr": np.array(16000, np.int64)}, specs, batch, equal_batches=True
+                        if equal else False)
+    seen = []
+    for feed in reader:
+        rows = feed["a"][:, 0] / 3
+        got = feed["state"][0, :, 0] if axis1 else feed["state"][:, 0, 0]
+        np.testing.assert_array_equal(rows, got)  # the same samples from both inputs
+        assert feed["sr"].shape == () and len(rows) <= reader.batch_size
+        if equal:
+            assert len(rows) == reader.batch_size
+        seen.extend(rows.astype(int).tolist())
+    expect = n - n % reader.batch_size if equal else n
+    assert seen == list(range(expect)) and reader.samples == expect

@@ -58,10 +58,16 @@ def take(inputs: dict[str, np.ndarray], specs, index: np.ndarray) -> dict[str, n
             continue
         axis = _axis(s)
         if axis is None:
-            out[s.name] = np.ascontiguousarray(arr[index[0]] if arr.ndim == _rank(s) + 1 else arr)
+            out[s.name] = _contiguous(arr[index[0]] if arr.ndim == _rank(s) + 1 else arr)
         else:
-            out[s.name] = np.ascontiguousarray(np.take(arr, index, axis=axis))
+            out[s.name] = _contiguous(np.take(arr, index, axis=axis))
     return out
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray turns a 0-d array into shape (1,): a rank-0 input must stay rank 0.
+    a = np.asarray(a)
+    return a if a.ndim == 0 else np.ascontiguousarray(a)
 
 
 def subset(inputs: dict[str, np.ndarray], specs, index: np.ndarray) -> dict[str, np.ndarray]:

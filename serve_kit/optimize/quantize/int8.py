@@ -130,14 +130,14 @@ class Int8StaticTarget(Target):
 
         plan = self._plan(ctx, float_input, outdir, cfg)
         details["calibration"] = plan.describe(sample_count(ctx.calibration.inputs, ctx.inputs))
-        used = len(plan.index)
-        note = f", {used} of {details['calibration']['samples_given']} samples" if used < details["calibration"][
-            "samples_given"] else f", {used} samples"
+        used, given = len(plan.index), details["calibration"]["samples_given"]
+        note = f", {used} of {given} samples" if used < given else f", {used} samples"
         path = outdir / "model.onnx"
         with ctx.progress.task(f"calibrate {self.name} ({cfg.calibration_method}{note})"):
             self._quantize(float_input, path, ctx, cfg, plan.index, plan.batch_size, details["per_channel"])
-        ops = count_ops(path)
-        if not ops.get("QuantizeLinear") and not ops.get("DequantizeLinear"):
+        ops, before = count_ops(path), count_ops(float_input)
+        # Compared with the float graph: a model may hold Q/DQ pairs of its own already.
+        if all(ops.get(op, 0) <= before.get(op, 0) for op in ("QuantizeLinear", "DequantizeLinear")):
             raise TargetNotApplicable("ONNX Runtime's static quantizer quantized no node of this graph "
                                       f"(ops it could quantize: {details['quantizable_ops']})", value=self.name,
                                       hint="the weights may not be constants, or the ops' inputs not float")
@@ -145,7 +145,7 @@ class Int8StaticTarget(Target):
         return Artifact(path, "onnxruntime", {
             "calibration_method": cfg.calibration_method, "per_channel": details.pop("per_channel"),
             "activation_type": cfg.activation_type, "weight_type": cfg.weight_type,
-            "nodes_kept_in_float": list(cfg.nodes_to_exclude), "ops": count_ops(path), **details})
+            "nodes_kept_in_float": list(cfg.nodes_to_exclude), "ops": ops, **details})
 
     def _plan(self, ctx: BuildContext, model: Path, workdir: Path, cfg: Int8StaticConfig):
         total = sample_count(ctx.calibration.inputs, ctx.inputs)
@@ -217,7 +217,8 @@ class Int8StaticTarget(Target):
         probe = subset(evaluation.inputs, ctx.inputs, evenly(n_eval, cfg.diagnose_samples))
         n_cal = sample_count(ctx.calibration.inputs, ctx.inputs)
         used = int(calibration.get("samples_used", n_cal))
-        cal_index = evenly(n_cal, min(used, 4 * cfg.diagnose_samples))
+        # Trials only need ranges good enough to compare groups: a smaller calibration set than the build's.
+        cal_index = evenly(n_cal, min(used, 2 * cfg.diagnose_samples))
         cal_batch = int(calibration.get("batch_size", cfg.calibration_batch_size))
         if cfg.calibration_method in ("entropy", "percentile"):
             if len(cal_index) >= cal_batch:

@@ -34,7 +34,7 @@ from ...errors import ConversionError, TargetError, TargetNotApplicable
 from ..target import Artifact, BuildContext, Target, TargetConfig, register_target
 from . import count_ops, gemm_to_matmul
 from .diagnose import guarded
-from .prepare import check_written
+from .prepare import check_written, prepare_for_quantization
 
 INSTALL_HINT = ("pip install 'serve-kit[modelopt]' (nvidia-modelopt plus the ONNX packages its ONNX "
                 "path imports; not its [onnx] extra, which pins an older onnx and onnxruntime-gpu)")
@@ -147,10 +147,14 @@ class _ModeloptOnnxTarget(Target):
         from modelopt.onnx.quantization import quantize
 
         cfg = self.config
-        src = ctx.onnx_fp32()
+        # Dequantize-in-graph weights folded, opset raised to 13, as for ONNX Runtime's quantizers.
+        src = outdir / "_prepared.onnx"
+        prepared = prepare_for_quantization(ctx.onnx_fp32(), src)
+        prepared.pop("per_channel")
         rewritten = 0
         if cfg.gemm_to_matmul:
             rewritten = gemm_to_matmul(src, outdir / MATMUL_GRAPH)
+            src.unlink()
             src = outdir / MATMUL_GRAPH
         n = min(len(ctx.calibration), cfg.calibration_samples)
         calib = {k: np.ascontiguousarray(v[:n]) for k, v in ctx.calibration.inputs.items()}
@@ -169,7 +173,7 @@ class _ModeloptOnnxTarget(Target):
                                        value=self.name, hint="try another calibration_method, or exclude the "
                                        "failing nodes with nodes_to_exclude") from None
         if not path.is_file():
-            raise ConversionError(f"Model Optimizer {self.mode} quantization wrote no model", value=str(path))
+            raise ConversionError(f"Model Optimizer {self.mode} quantization wrote no model", value=self.name)
         ops = count_ops(path)
         if not (ops.get("DequantizeLinear") or ops.get("TRT_INT4DequantizeLinear")):
             raise TargetNotApplicable(f"Model Optimizer {self.mode} quantized nothing in this graph",
@@ -180,6 +184,7 @@ class _ModeloptOnnxTarget(Target):
         return Artifact(path, self.backend, {
             "quantizer": "nvidia-modelopt", "modelopt_version": _modelopt_version(), "mode": self.mode,
             "calibration_method": cfg.calibration_method, "calibration_samples": n, "written_model": written,
+            **prepared,
             "high_precision_dtype": cfg.high_precision_dtype, "gemm_rewritten_as_matmul": rewritten,
             "nodes_kept_in_float": [*cfg.nodes_to_exclude, *cfg.keep_nodes], "ops": ops},
             backend_options=ort_options_for(path))

@@ -32,6 +32,7 @@ from pydantic import Field
 from ...errors import ConversionError
 from ..target import Artifact, BuildContext, Target, TargetConfig, register_target
 from . import count_ops
+from .prepare import check_written
 from .modelopt_onnx import (_modelopt_version, _quiet_modelopt, modelopt_unavailable_reason, ort_options_for,
                             stdout_to_stderr)
 
@@ -156,6 +157,7 @@ class _ModeloptTorchTarget(Target):
         if not ops.get("DequantizeLinear"):
             raise ConversionError(f"{self.name}: the export holds no DequantizeLinear: nothing was quantized",
                                   value=ctx.source.ref, hint="check `disable` patterns in the target's config")
+        details["written_model"] = check_written(path, f"Model Optimizer {self.mtq_config} (PyTorch export)")
         return Artifact(path, self.backend, {**details, "ops": ops}, backend_options=ort_options_for(path))
 
 

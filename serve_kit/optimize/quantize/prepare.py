@@ -129,7 +129,9 @@ def fold_dequantized_weights(model) -> list[dict[str, Any]]:
             for a in node.attribute:
                 if a.name == "value":
                     consts[node.output[0]] = numpy_helper.to_array(helper.get_attribute_value(a))
-    from_int = {k for k, v in consts.items() if v.dtype in _INT_TYPES and v.size > 1}
+    # Stored integers of any size start a chain (a scalar zero point too); int64 does not: those
+    # are shapes and indices, the constant folder's business.
+    from_int = {k for k, v in consts.items() if v.dtype in _INT_TYPES}
     chain_ops: dict[str, list[str]] = {}
     graph_outputs = {o.name for o in graph.output}
     folded_nodes: set[int] = set()
