@@ -66,7 +66,24 @@ class TensorSpec(_Strict):
     datatype: Datatype
     """Open Inference Protocol datatype (FP32, INT64, ...)."""
     shape: list[int]
-    """Full shape including the batch dimension (first, -1) when the model batches; -1 = variable."""
+    """Full shape including the batch dimension (-1 at `batch_axis`) when the model batches;
+    -1 = variable; [] = a scalar (rank 0)."""
+    batch_axis: int | None = 0
+    """Which dimension of `shape` counts samples (state tensors of recurrent models often carry
+    theirs on axis 1, e.g. [2, -1, 128]); None = the tensor has no batch axis (a scalar or a
+    fixed tensor, fed whole to every call and never split into samples)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_axis(cls, data: Any) -> Any:
+        # Unsaid, the batch axis is the first dimension when that one is variable; a scalar or a
+        # tensor whose first dimension is fixed has none (config.yaml files of unbatched models,
+        # written before batch_axis existed, keep loading as they were).
+        if isinstance(data, dict) and data.get("batch_axis", ...) is ... and isinstance(data.get("shape"), list):
+            shape = data["shape"]
+            if not shape or shape[0] != -1:
+                data = {**data, "batch_axis": None}
+        return data
 
     @field_validator("shape")
     @classmethod
@@ -76,30 +93,66 @@ class TensorSpec(_Strict):
                 raise ValueError(f"dimension {d} is invalid: use a positive size or -1 for variable")
         return v
 
+    @model_validator(mode="after")
+    def _axis(self) -> "TensorSpec":
+        a = self.batch_axis
+        if a is not None:
+            if not 0 <= a < len(self.shape):
+                raise ValueError(f"batch_axis {a} is not a dimension of shape {self.shape} (rank "
+                                 f"{len(self.shape)}); use @none for a tensor without batch axis")
+            if self.shape[a] != -1:
+                raise ValueError(f"dimension {a} of shape {self.shape} is the batch axis and must be -1 "
+                                 f"(variable); use @none for a tensor fed whole")
+        return self
+
     @property
     def dtype(self) -> np.dtype:
         return numpy_dtype(self.datatype)
 
+    @property
+    def batched(self) -> bool:
+        return self.batch_axis is not None
+
     def sample_shape(self) -> list[int]:
-        """Shape without the batch dimension."""
-        return self.shape[1:]
+        """Shape without the batch dimension (the whole shape when there is none)."""
+        if self.batch_axis is None:
+            return list(self.shape)
+        return self.shape[:self.batch_axis] + self.shape[self.batch_axis + 1:]
 
     def describe(self) -> str:
-        return f"{self.name}:{self.datatype}:{'x'.join(str(d) for d in self.shape)}"
+        """The text `parse` reads back: `name:DATATYPE:SHAPE[@AXIS|@none]`."""
+        shape = "x".join(str(d) for d in self.shape) if self.shape else "scalar"
+        if self.batch_axis is None:
+            axis = "@none" if self.shape and self.shape[0] == -1 else ""
+        else:
+            axis = "" if self.batch_axis == 0 else f"@{self.batch_axis}"
+        return f"{self.name}:{self.datatype}:{shape}{axis}"
 
     @classmethod
     def parse(cls, text: str, origin: str = "--input") -> "TensorSpec":
-        """Parse `name:DATATYPE:d0xd1x...`, e.g. `input:FP32:-1x1x8x8`."""
-        m = re.fullmatch(r"([^:]+):([A-Za-z0-9]+):(-?\d+(?:x-?\d+)*)", text.strip())
+        """Parse `name:DATATYPE:SHAPE[@AXIS]`: `input:FP32:-1x1x8x8` (batch first),
+        `state:FP32:2x-1x128@1` (batch on axis 1), `x:FP32:3x4@none` (no batch axis, fed whole),
+        `sr:INT64:scalar` (rank 0)."""
+        m = re.fullmatch(r"([^:]+):([A-Za-z0-9]+):(scalar|-?\d+(?:x-?\d+)*)(?:@(none|\d+))?",
+                         text.strip(), flags=re.IGNORECASE)
         if not m:
-            raise UsageError("tensor spec is not NAME:DATATYPE:SHAPE", value=text, origin=origin,
-                             hint="e.g. input:FP32:-1x1x8x8 (-1 marks a variable dimension, first is the batch)")
-        name, dt, shape = m.group(1), m.group(2).upper(), [int(d) for d in m.group(3).split("x")]
+            raise UsageError("tensor spec is not NAME:DATATYPE:SHAPE[@AXIS]", value=text, origin=origin,
+                             hint="e.g. input:FP32:-1x1x8x8 (-1 marks a variable dimension, the first is the "
+                                  "batch), state:FP32:2x-1x128@1 (batch on axis 1), x:FP32:3x4@none (no batch "
+                                  "axis), sr:INT64:scalar (rank 0)")
+        name, dt = m.group(1), m.group(2).upper()
+        shape = [] if m.group(3).lower() == "scalar" else [int(d) for d in m.group(3).split("x")]
+        data: dict[str, Any] = {"name": name, "datatype": dt, "shape": shape}
+        if m.group(4) is not None:
+            data["batch_axis"] = None if m.group(4).lower() == "none" else int(m.group(4))
         try:
-            return cls(name=name, datatype=dt, shape=shape)
+            return cls(**data)
         except ValidationError as e:
+            hint = "datatypes: " + ", ".join(DATATYPES)
+            if "batch" in str(e):
+                hint = "the batch axis (@AXIS, default 0) must be a -1 dimension; @none = no batch axis"
             raise UsageError(f"tensor spec {text!r} is invalid: {_first_error(e)}", origin=origin,
-                             hint="datatypes: " + ", ".join(DATATYPES)) from None
+                             hint=hint) from None
 
 
 class Padding(_Strict):
@@ -204,7 +257,9 @@ class ModelConfig(_Strict):
     backend: Literal["onnxruntime", "torchscript", "tensorrt"]
     """Backend of the latest version; each version's manifest.json names its own."""
     max_batch_size: int = Field(default=0, ge=0)
-    """Largest batch the model accepts; 0 = the model does not batch (no batch dimension)."""
+    """Largest batch the model accepts; 0 = the server does not batch requests together: each
+    request is run alone and shapes are full shapes (Triton's meaning), which is what models
+    with scalar inputs or a batch axis other than the first are served as."""
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     dynamic_batching: DynamicBatching | None = None
@@ -218,9 +273,13 @@ class ModelConfig(_Strict):
     def _batch_dim(self) -> "ModelConfig":
         if self.max_batch_size > 0:
             for t in [*self.inputs, *self.outputs]:
-                if not t.shape or t.shape[0] != -1:
-                    raise ValueError(f"tensor {t.name!r} must have -1 as its first (batch) dimension "
-                                     f"when max_batch_size > 0, got shape {t.shape}")
+                if t.batch_axis != 0 or not t.shape or t.shape[0] != -1:
+                    why = ("it has no batch axis" if t.batch_axis is None and t.shape and t.shape[0] == -1 else
+                           f"its batch axis is {t.batch_axis}" if t.batch_axis else "")
+                    raise ValueError(f"tensor {t.name!r} must have -1 as its first (batch) dimension when "
+                                     f"max_batch_size > 0, got shape {t.shape}" + (f" ({why})" if why else "")
+                                     + "; a model with scalar inputs or another batch axis is served with "
+                                       "max_batch_size 0 (unbatched, full shapes)")
         pad = self.dynamic_batching.padding if self.dynamic_batching else None
         if pad is not None:
             if self.max_batch_size == 0:
@@ -242,34 +301,187 @@ class ModelConfig(_Strict):
 # Optimize recipes
 
 
+OutputKind = Literal["probability", "logits", "regression", "discrete"]
+"""How an output's measures are chosen (see serve_kit/optimize/validate.py and the README's
+"Gates"): `probability` (values in [0, 1]; multi-class when a last axis of at least 2 sums to 1),
+`logits` (class scores: argmax, or sigmoid at the threshold for one score), `regression` (any
+other real values, embeddings included) and `discrete` (integer or boolean outputs)."""
+
+
 class GateConfig(_Strict):
-    """Accuracy gate for one variant against the reference. None disables a check."""
+    """Accuracy gate for one variant against the reference, over the whole evaluation set.
+
+    Every output gets the measures that fit its kind (detected from the reference's values, or
+    set in `kinds`); None disables a check. Set fields override a default gate field by field.
+    """
 
     min_cosine: float | None = Field(default=None, ge=-1, le=1)
-    """Minimum mean per-sample cosine similarity, every output."""
+    """Minimum mean per-sample cosine similarity, every output of more than one element per
+    sample (a one-element cosine is 1.0 by construction and is never computed)."""
     max_abs_error: float | None = Field(default=None, ge=0)
     """Maximum absolute error over every element of every output."""
+    max_rel_l2: float | None = Field(default=None, ge=0)
+    """Maximum relative L2 error of each output over the whole set: ||variant - reference|| /
+    ||reference||, all samples and elements together."""
+    min_cosine_across: float | None = Field(default=None, ge=-1, le=1)
+    """Minimum cosine across samples, for outputs of at most 16 elements per sample: each element
+    position is one vector over the evaluation set (where a per-sample cosine means nothing)."""
+    max_prob_error: float | None = Field(default=None, ge=0)
+    """Maximum absolute error of a probability output (catches a 0.98 error on one sample that a
+    relative or averaged measure would hide)."""
+    max_flip_rate: float | None = Field(default=None, ge=0, le=1)
+    """Maximum share of decisions that differ from the reference's, for probability, logit and
+    discrete outputs: argmax over the last axis for multi-class, the threshold for single
+    probabilities (logits: the sigmoid at the threshold), equality for discrete outputs."""
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    """Decision threshold of single-probability outputs (and of single logits, through the sigmoid)."""
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    """Per output name: its own decision threshold, over `threshold`."""
+    kinds: dict[str, OutputKind] = Field(default_factory=dict)
+    """Per output name: its kind, over the detected one (e.g. `{speech_prob: probability}`)."""
     max_metric_drop: float | None = Field(default=None, ge=0)
     """Maximum drop of the task metric (in the metric's own unit, e.g. accuracy points)."""
 
+    @field_validator("thresholds")
+    @classmethod
+    def _open_unit(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if not 0 < t < 1}
+        if bad:
+            raise ValueError(f"thresholds must lie strictly between 0 and 1, got {bad}")
+        return v
+
     def merged(self, other: "GateConfig | None") -> "GateConfig":
+        """This gate with the fields `other` set (pydantic's model_fields_set) put over it; `kinds`
+        and `thresholds` merge per output. Fields `other` leaves at their defaults do not override."""
         if other is None:
             return self
-        data = self.model_dump()
-        data.update(other.model_dump(exclude_unset=True))
+        data = {k: getattr(self, k) for k in self.model_fields_set}
+        for k in other.model_fields_set:
+            v = getattr(other, k)
+            data[k] = {**getattr(self, k), **v} if k in ("kinds", "thresholds") else v
         return GateConfig(**data)
 
+    def threshold_for(self, output: str) -> float:
+        return self.thresholds.get(output, self.threshold)
 
-# Defaults per precision: FP32 exports must match tightly; quantized variants may lose a little.
+
+# Defaults per precision: FP32 exports must match tightly; quantized variants may lose a little,
+# but never a decision in more than a small share of samples, nor a probability by 0.25 anywhere.
+def _gate(rel_l2: float, cos_across: float, prob: float, flips: float, **kw: float) -> GateConfig:
+    return GateConfig(max_rel_l2=rel_l2, min_cosine_across=cos_across, max_prob_error=prob, max_flip_rate=flips, **kw)
+
+
 DEFAULT_GATES: dict[str, GateConfig] = {
-    "fp32": GateConfig(min_cosine=0.9999, max_abs_error=1e-3, max_metric_drop=0.1),
+    "fp32": _gate(1e-3, 0.9999, 1e-3, 0.002, min_cosine=0.9999, max_abs_error=1e-3, max_metric_drop=0.1),
     # Half precisions: fp16 keeps 10 mantissa bits, bf16 only 7; fp8 (E4M3) has 3.
-    "fp16": GateConfig(min_cosine=0.9995, max_metric_drop=0.2),
-    "bf16": GateConfig(min_cosine=0.999, max_metric_drop=0.5),
-    "fp8": GateConfig(min_cosine=0.99, max_metric_drop=1.0),
-    "int8": GateConfig(min_cosine=0.99, max_metric_drop=1.0),
-    "int4": GateConfig(min_cosine=0.98, max_metric_drop=2.0),
+    "fp16": _gate(0.02, 0.999, 0.02, 0.005, min_cosine=0.9995, max_metric_drop=0.2),
+    "bf16": _gate(0.05, 0.995, 0.05, 0.01, min_cosine=0.999, max_metric_drop=0.5),
+    "fp8": _gate(0.15, 0.98, 0.25, 0.02, min_cosine=0.99, max_metric_drop=1.0),
+    "int8": _gate(0.15, 0.98, 0.25, 0.01, min_cosine=0.99, max_metric_drop=1.0),
+    "int4": _gate(0.2, 0.95, 0.3, 0.03, min_cosine=0.98, max_metric_drop=2.0),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings given as KEY=VALUE text (`-t TARGET:KEY=VALUE,...`, `--gate PRECISION.FIELD=VALUE`)
+
+
+def split_settings(text: str) -> list[str]:
+    """`a=1,b=[1,2],c="x,y"` -> ['a=1', 'b=[1,2]', 'c="x,y"']: commas inside brackets or quotes
+    belong to the value (a JSON list)."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def type_words(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+def setting_value(model: type[BaseModel], key: str, text: str) -> Any:
+    """The Python value for `key=text` of a pydantic model, from the field's type: JSON for a text
+    starting with `[`, `{` or `"`; `none`/`null` for an optional field; `A+B` for a list; anything
+    else as the string, which pydantic's validation turns into the int, float, bool or Literal the
+    field wants (`true`/`false`, `yes`/`no`, `1`/`0` for booleans)."""
+    import json
+    import typing
+
+    ann = model.model_fields[key].annotation
+    args = typing.get_args(ann)
+    text = text.strip()
+    if text[:1] in ("[", "{", '"'):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{key}: not valid JSON ({e.msg})", value=text,
+                             hint='quote JSON for the shell, e.g. op_types=\'["MatMul","Conv"]\'') from None
+    if text.lower() in ("none", "null") and type(None) in args:
+        return None
+    # Optional[X] / X | None: the non-None members; any other annotation (list[str]) is itself.
+    union = typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+    inner = [a for a in args if a is not type(None)] if union else [ann]
+    if any(typing.get_origin(a) in (list, tuple, set) or a in (list, tuple, set) for a in inner):
+        return [t.strip() for t in text.split("+") if t.strip()]
+    return text
+
+
+def model_errors(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(value)'}: {err['msg']}" for err in e.errors())
+
+
+GATE_DICT_FIELDS = ("kinds", "thresholds")
+
+
+def gate_setting(fields: dict[str, Any], key: str, text: str, origin: str, form: str = "FIELD=VALUE") -> None:
+    """Add one gate setting, `FIELD=VALUE`, `kinds.OUTPUT=KIND` or `thresholds.OUTPUT=VALUE`, to
+    `fields` (checked by building a GateConfig from them)."""
+    fld, dot, output = key.partition(".")
+    scalar = [f for f in GateConfig.model_fields if f not in GATE_DICT_FIELDS]
+    if fld not in GateConfig.model_fields or (fld in GATE_DICT_FIELDS) != bool(dot and output):
+        raise UsageError(f"unknown gate field {fld!r} (a gate setting is {form})", value=key, origin=origin,
+                         hint="gate fields: " + ", ".join(scalar)
+                              + "; per output: kinds.OUTPUT=probability|logits|regression|discrete, "
+                                "thresholds.OUTPUT=0.3")
+    if fld in GATE_DICT_FIELDS:
+        fields.setdefault(fld, {})[output] = text.strip()
+    else:
+        fields[fld] = setting_value(GateConfig, fld, text)
+    try:
+        typed = GateConfig(**fields)
+    except ValidationError as e:
+        raise UsageError(f"invalid gate setting: {model_errors(e)}", value=f"{key}={text}", origin=origin,
+                         hint="see the README's \"Gates\" for each field's range") from None
+    fields.update({k: getattr(typed, k) for k in fields})
+
+
+def parse_gate_args(items: list[str], origin: str = "--gate") -> dict[str, dict[str, Any]]:
+    """`--gate PRECISION.FIELD=VALUE` items (PRECISION may be `all`) -> {precision: {field: value}}."""
+    gates: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        prec, dot, fld = key.partition(".")
+        if not sep or not dot or prec not in (*DEFAULT_GATES, "all"):
+            raise UsageError("gate is not PRECISION.FIELD=VALUE", value=item, origin=origin,
+                             hint=f"precisions: {', '.join(DEFAULT_GATES)}, all; e.g. --gate int8.max_metric_drop=0.5, "
+                                  "--gate int8.max_flip_rate=none, --gate all.kinds.prob=probability")
+        for p in (DEFAULT_GATES if prec == "all" else [prec]):
+            gate_setting(gates.setdefault(p, {}), fld, value, f"{origin} {item}", "PRECISION.FIELD=VALUE")
+    return gates
 
 
 class SourceSpec(_Strict):
@@ -346,6 +558,11 @@ class Recipe(_Strict):
     """Per precision (`fp32`, `int8`, `int4`) overrides of the default gates."""
     latency: LatencySpec = Field(default_factory=LatencySpec)
     repository: RepositorySpec = Field(default_factory=RepositorySpec)
+    constants: dict[str, Any] = Field(default_factory=dict)
+    """Input name -> value baked into the model (as `--constant NAME=VALUE`): a number, bool,
+    string or list; the input leaves the served signature."""
+    state: dict[str, str] = Field(default_factory=dict)
+    """Output name -> the input it feeds at the next call (as `--state OUTPUT=INPUT`)."""
 
     @field_validator("targets", mode="before")
     @classmethod

@@ -101,3 +101,16 @@ class GateFailed(ServeKitError):
     """A quality gate was missed; nothing failing the gate was written."""
 
     exit_code = EXIT_GATE
+
+
+class TargetError(ConversionError):
+    """An exception from a library a target drives (ONNX Runtime's quantizer, onnx, Model
+    Optimizer) during a build: the message names the library and its own first line, so that the
+    target's row says what failed without a traceback of someone else's code."""
+
+    @classmethod
+    def wrap(cls, library: str, step: str, exc: BaseException, *, value: object = None,
+             hint: str | None = None) -> "TargetError":
+        text = str(exc).strip()
+        line = text.splitlines()[0][:300] if text else type(exc).__name__
+        return cls(f"{step} failed in {library}: {type(exc).__name__}: {line}", value=value, hint=hint)

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -33,6 +33,12 @@ from .errors import RepositoryError, ServeKitError
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 MANIFEST_FORMAT = "serve-kit/manifest@1"
+
+
+REPORT = "optimize-report.json"
+"""The report of the optimize run that wrote a version, inside it (hashed like its other files)."""
+RUNS = ".runs"
+"""Beside the versions: one report per optimize run (`<UTC time>-<pid>.json`), whatever it wrote."""
 
 
 SAMPLES = "samples.npz"
@@ -132,23 +138,34 @@ class Staging:
         self.dir = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.model_dir))
         self.version: int | None = None
 
-    def commit(self, config: ModelConfig, manifest: dict[str, Any]) -> int:
+    def commit(self, config: ModelConfig, manifest: dict[str, Any],
+               extra_files: Callable[[int], dict[str, str]] | None = None) -> int:
         """Hash every staged file, write manifest.json, move the version into place, update
-        config.yaml. Returns the new version number."""
+        config.yaml. Returns the new version number.
+
+        `extra_files(version)` gives text files that name the version number (optimize's report):
+        written once the number is reserved, and hashed into the manifest like the others."""
         if config.name != self.model:
             raise RepositoryError("config name does not match the model directory",
                                   value=config.name, origin=str(self.model_dir))
-        files = {}
-        for p in sorted(self.dir.rglob("*")):
-            if p.is_file() and p.name != MANIFEST:
-                rel = p.relative_to(self.dir).as_posix()
-                files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
         model_file = manifest.get("model_file")
-        if model_file not in files:
+        if not model_file or not (self.dir / model_file).is_file():
             raise RepositoryError("manifest names a model file that was not staged", value=model_file,
                                   origin=str(self.dir))
+        hashed: dict[str, dict[str, Any]] = {}
         for _ in range(100):
             version = max(self.repo.version_numbers(self.model), default=0) + 1
+            for name, text in (extra_files(version) if extra_files else {}).items():
+                (self.dir / name).write_text(text)
+            files = {}
+            for p in sorted(self.dir.rglob("*")):
+                if p.is_file() and p.name != MANIFEST:
+                    rel = p.relative_to(self.dir).as_posix()
+                    st = p.stat()
+                    key = (st.st_size, st.st_mtime_ns)
+                    if rel not in hashed or hashed[rel]["key"] != key:  # the model file is hashed once
+                        hashed[rel] = {"key": key, "sha256": sha256_file(p)}
+                    files[rel] = {"sha256": hashed[rel]["sha256"], "size": st.st_size}
             # Set last, so that a caller's manifest can never override what the repository itself
             # vouches for (format, model, version, files).
             full = {"format": MANIFEST_FORMAT, "model": self.model, "version": version,
@@ -297,6 +314,13 @@ class Repository:
         return out
 
     # -- writing ---------------------------------------------------------------------------
+    def run_report_path(self, model: str) -> Path:
+        """Where one optimize run's report goes: `<model>/.runs/<UTC time>-<pid>.json` (a dot
+        folder, so never taken for a version); names sort by time and do not collide between
+        concurrent runs."""
+        now = _dt.datetime.now(_dt.timezone.utc)
+        return self.root / model / RUNS / f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{os.getpid()}.json"
+
     @contextlib.contextmanager
     def new_version(self, model: str) -> Iterator[Staging]:
         """Stage a new version; it becomes visible only through `Staging.commit`. On any

@@ -278,7 +278,8 @@ def test_labels_under_another_key_are_an_extra_array():
 def test_mismatched_sample_counts():
     with pytest.raises(DataError) as ei:
         to_dataset({"ids": np.zeros((3, 4), np.int64), "mask": np.zeros((2, 4), np.int64)}, TWO, "labels", "o")
-    assert "(3 and 2 for 'mask')" in ei.value.message
+    assert "'ids': 3 along axis 0, 'mask': 2 along axis 0" in ei.value.message
+    assert "@AXIS" in ei.value.hint
 
 
 @pytest.mark.parametrize("labels, got", [(np.arange(5), "5 entries"), (np.arange(2), "2 entries"),
@@ -477,3 +478,120 @@ def test_from_function_errors(data_module):
         with pytest.raises(InputError) as ei:
             from_function(ref, IMAGE, "labels")
         assert fragment in ei.value.message and ei.value.origin == "recipe data.function"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs with their own batch axes, and inputs without one (issue 12: silero-vad's signature)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+VAD = [TensorSpec.parse("input:FP32:-1x576"), TensorSpec.parse("state:FP32:2x-1x128@1"),
+       TensorSpec.parse("sr:INT64:scalar")]
+
+
+def vad_arrays(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"input": rng.standard_normal((n, 576)).astype(np.float32),
+            "state": rng.standard_normal((2, n, 128)).astype(np.float32),
+            "sr": np.array(16000, np.int64)}
+
+
+def test_samples_are_counted_along_each_inputs_axis_and_scalars_fed_whole():
+    ds = to_dataset(vad_arrays(10), VAD, "labels", "vad")
+    assert len(ds) == 10
+    batch = ds.slice(2, 5)
+    assert batch["input"].shape == (3, 576) and batch["state"].shape == (2, 3, 128)
+    assert batch["sr"].shape == () and int(batch["sr"]) == 16000
+    assert ds.tiled(13)["state"].shape == (2, 13, 128)
+    sub = ds.subset(np.array([9, 0]))
+    np.testing.assert_array_equal(sub.inputs["state"], vad_arrays(10)["state"][:, [9, 0]])
+    assert ds.describe()["arrays"]["state"]["batch_axis"] == 1
+    assert ds.describe()["arrays"]["sr"]["batch_axis"] is None
+
+
+def test_split_and_reader_keep_axes():
+    parts = split(to_dataset(vad_arrays(20), VAD, "labels", "vad"), 8, 100)
+    assert len(parts.calibration) == 8 and len(parts.evaluation) == 12
+    batches = list(ReaderAdapter(parts.calibration, batch_size=3))
+    assert [b["state"].shape[1] for b in batches] == [3, 3, 2]
+    assert all(b["sr"].shape == () for b in batches)
+
+
+def test_batch_axis_mismatch_names_arrays_counts_axes_and_hint():
+    # state declared batch-first although its batch is on axis 1
+    specs = [VAD[0], TensorSpec(name="state", datatype="FP32", shape=[-1, -1, 128])]
+    with pytest.raises(DataError) as ei:
+        to_dataset({k: v for k, v in vad_arrays(10).items() if k != "sr"}, specs, "labels", "vad.npz")
+    e = ei.value
+    assert "'input': 10 along axis 0" in e.message and "'state': 2 along axis 0" in e.message
+    assert "state:FP32:2x-1x128@1" in e.hint and e.origin == "vad.npz"
+
+
+def test_scalar_input_given_per_sample_is_refused_clearly():
+    arrays = {**vad_arrays(4), "sr": np.full(4, 16000, np.int64)}
+    with pytest.raises(DataError) as ei:
+        to_dataset(arrays, VAD, "labels", "vad")
+    assert "rank 1" in ei.value.message and "sr:INT64:scalar" in ei.value.message
+    assert "fed to every call" in ei.value.hint
+
+
+def test_zero_d_arrays_never_hit_len():
+    # 0-d label or sequence arrays were a `len() of unsized object` traceback before.
+    with pytest.raises(DataError, match="a single value"):
+        to_dataset({**vad_arrays(3), "labels": np.array(1)}, VAD, "labels", "vad")
+    with pytest.raises(DataError, match="sequence"):
+        to_dataset({**vad_arrays(3), "sequence": np.array(1)}, VAD, "labels", "vad")
+    only_scalars = to_dataset({"sr": np.array(8000, np.int64)}, [VAD[2]], "labels", "o")
+    assert len(only_scalars) == 1 and only_scalars.slice(0, 1)["sr"].shape == ()
+
+
+def test_optional_state_may_be_absent_and_sequence_is_kept():
+    arrays = {"input": vad_arrays(6)["input"], "sr": np.array(16000, np.int64),
+              "sequence": np.repeat(np.arange(2), 3)}
+    ds = to_dataset(arrays, VAD, "labels", "vad", optional={"state"})
+    assert "state" not in ds.inputs and list(ds.sequence) == [0, 0, 0, 1, 1, 1]
+    assert list(ds.subset(np.array([4, 5])).sequence) == [1, 1]
+
+
+def test_stream_split_keeps_order_and_whole_sequences():
+    arrays = {"input": np.arange(12 * 576, dtype=np.float32).reshape(12, 576), "sr": np.array(16000, np.int64)}
+    one = split(to_dataset(arrays, VAD, "labels", "s", optional={"state"}), 4, 100, streams=True)
+    assert list(one.calibration.inputs["input"][:, 0] // 576) == [0, 1, 2, 3]
+    assert list(one.evaluation.inputs["input"][:, 0] // 576) == list(range(4, 12))
+    arrays["sequence"] = np.repeat(np.arange(4), 3)
+    many = split(to_dataset(arrays, VAD, "labels", "s", optional={"state"}), 100, 100, streams=True)
+    cal_ids, ev_ids = set(many.calibration.sequence), set(many.evaluation.sequence)
+    assert cal_ids and ev_ids and not cal_ids & ev_ids and len(many.calibration) == 6
+
+
+def test_npy_folder_stacks_along_the_axis(tmp_path):
+    spec = [TensorSpec.parse("state:FP32:2x-1x4@1")]
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4), np.float32))
+    np.save(tmp_path / "b.npy", np.ones((2, 4), np.float32))  # one sample: axis 1 is added
+    arrays, _ = load_arrays(tmp_path, spec, "labels")
+    assert arrays["state"].shape == (2, 4, 4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 4), st.data())
+def test_slicing_along_any_axis_matches_moving_it_first(rank, data):
+    """Whatever the axis, slice/subset/tiled pick the same samples as on a batch-first copy."""
+    axis = data.draw(st.integers(0, rank - 1))
+    shape = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    n = data.draw(st.integers(1, 6))
+    shape[axis] = n
+    arr = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    spec = TensorSpec(name="x", datatype="FP32", shape=[-1 if i == axis else d for i, d in enumerate(shape)],
+                      batch_axis=axis)
+    const = TensorSpec(name="c", datatype="INT64", shape=[])
+    ds = to_dataset({"x": arr, "c": np.array(7, np.int64)}, [spec, const], "labels", "h")
+    first = np.moveaxis(arr, axis, 0)
+    assert len(ds) == n
+    a, b = sorted(data.draw(st.tuples(st.integers(0, n), st.integers(0, n))))
+    np.testing.assert_array_equal(np.moveaxis(ds.slice(a, b)["x"], axis, 0), first[a:b])
+    idx = np.array(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=8)))
+    np.testing.assert_array_equal(np.moveaxis(ds.subset(idx).inputs["x"], axis, 0), first[idx])
+    k = data.draw(st.integers(1, 9))
+    np.testing.assert_array_equal(np.moveaxis(ds.tiled(k)["x"], axis, 0), first[np.arange(k) % n])
+    assert ds.slice(a, b)["c"].shape == () and ds.subset(idx).inputs["c"].shape == ()

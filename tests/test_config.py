@@ -28,7 +28,8 @@ def test_parse_valid(text, name, datatype, shape):
     spec = TensorSpec.parse(text)
     assert (spec.name, spec.datatype, spec.shape) == (name, datatype, shape)
     assert spec.dtype == np.dtype(DATATYPES[datatype])
-    assert spec.sample_shape() == shape[1:]
+    # A fixed first dimension is no batch axis: the whole shape is one sample.
+    assert spec.sample_shape() == (shape[1:] if shape[0] == -1 else shape)
 
 
 def test_parse_describe_round_trip():

@@ -5,6 +5,7 @@ and real engine builds on a GPU with TensorRT (marked gpu; skipped with the reas
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,9 +179,10 @@ def test_the_pipeline_reports_trt_targets_unavailable_with_the_reason(tmp_path, 
     assert by["trt-fp8"]["config"]["max_batch_size"] == 8 and by["trt-fp8"]["precision"] == "fp8"
     # Unavailable is not a failure: the onnx variant is written.
     assert by["onnx"]["status"] == "passed"
-    assert report["written"]["variant"] == "onnx" and report["errors"] == [] and report["gate_failed"] == []
-    saved = json.loads((tmp_path / "repo" / "mlp" / "optimize-report.json").read_text())
-    assert [v["status"] for v in saved["variants"]] == ["unavailable"] * 3 + ["passed"]
+    # (`source`: the eager model through that same onnx export, when the onnx was not measurably faster)
+    assert report["written"]["variant"] in ("onnx", "source") and report["errors"] == [] and report["gate_failed"] == []
+    saved = json.loads(Path(report["report_path"]).read_text())
+    assert [v["status"] for v in saved["variants"]][:4] == ["unavailable"] * 3 + ["passed"]
 
 
 @pytest.mark.skipif(TRT_REASON is None, reason="TensorRT is usable here; this checks the refusal without it")

@@ -1,6 +1,8 @@
 """In-process latency measurement.
 
-`measure`: optimize's variant selection. Warm-up runs are excluded; each batch size is run for at
+`measure_interleaved`: optimize's comparison of the reference and its variants, measured in
+round-robin windows with bench's stability rule (see its docstring). `measure`: one callable
+alone. Warm-up runs are excluded; each batch size is run for at
 least `min_seconds` and at least `min_iterations` times, on real samples, and reported as
 percentiles of per-call wall time.
 
@@ -63,6 +65,106 @@ def measure(fn: Callable[[dict[str, np.ndarray]], object], inputs: dict[str, np.
     ms = np.asarray(times) * 1e3
     return Latency(batch_size, len(ms), float(np.percentile(ms, 50)), float(np.percentile(ms, 90)),
                    float(np.percentile(ms, 99)), float(ms.mean()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interleaved comparison: optimize's reference against its variants, in the same windows
+
+
+STABILITY_PCT = 10.0
+"""Default stability rule of `serve-kit bench` (OfflineJob.stability_pct), shared by optimize."""
+
+
+def measure_interleaved(fns: dict[str, Callable[[dict[str, np.ndarray]], object]], inputs: dict[str, np.ndarray],
+                        batch_size: int, rounds: int = 3, min_seconds: float = 0.5, *, max_rounds: int = 10,
+                        stability_pct: float = STABILITY_PCT, warmup_s: float | None = None,
+                        settle_s: float = 0.01) -> tuple[dict[str, dict], dict[str, BaseException]]:
+    """Measure several callables on the same inputs in round-robin windows.
+
+    Each round runs one window per callable (the order rotates every round), so that a drift of
+    the machine (another process, frequency scaling) hits every callable alike instead of
+    whichever happened to run at that moment. A window lasts `min_seconds / rounds` (at least
+    MIN_CALLS_PER_WINDOW calls) and starts with `settle_s` of untimed calls: the previous
+    callable's thread pool may still be spinning. Rounds go on (past `rounds`, up to
+    `max_rounds`) until every callable is stable by bench's rule (stats.is_stable over the last
+    STABLE_WINDOWS windows' p50 and throughput within `stability_pct`).
+
+    Returns (results, errors): per name its percentiles over every timed call, the per-window
+    p50s and `stable`; a callable that raises is dropped from the remaining windows and its
+    exception is in `errors` (one variant must not lose the others' figures).
+    """
+    from . import stats
+
+    window_s = max(min_seconds / max(rounds, 1), 1e-3)
+    warmup_s = window_s if warmup_s is None else warmup_s
+    live = dict(fns)
+    errors: dict[str, BaseException] = {}
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    windows: dict[str, list[dict]] = {n: [] for n in fns}
+
+    def timed(name: str, seconds: float, record: bool) -> None:
+        fn = live[name]
+        got: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while len(got) < (MIN_CALLS_PER_WINDOW if record else 1) or time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            fn(inputs)
+            got.append(time.perf_counter() - t0)
+        if record:
+            ms = np.asarray(got) * 1e3
+            times[name].extend(got)
+            windows[name].append({"calls": len(ms), "p50_ms": float(np.percentile(ms, 50)),
+                                  "throughput": len(ms) * batch_size / (ms.sum() / 1e3)})
+
+    def attempt(name: str, seconds: float, record: bool) -> None:
+        try:
+            timed(name, seconds, record)
+        except Exception as e:  # noqa: BLE001 - reported per callable by the caller
+            errors[name] = e
+            live.pop(name, None)
+
+    for name in list(live):
+        attempt(name, warmup_s, False)
+    order = list(live)
+    for r in range(max_rounds):
+        shift = r % max(len(order), 1)
+        for name in order[shift:] + order[:shift]:
+            if name in live:
+                attempt(name, settle_s, False)
+            if name in live:
+                attempt(name, window_s, True)
+        if r + 1 >= rounds and all(stats.is_stable(*_series(windows[n]), stability_pct) for n in live):
+            break
+    results = {}
+    for name in fns:
+        if name in errors:
+            continue
+        ms = np.asarray(times[name]) * 1e3
+        p50s, tput = _series(windows[name])
+        results[name] = {
+            "batch_size": batch_size, "iterations": int(ms.size), "p50_ms": float(np.percentile(ms, 50)),
+            "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "samples_per_s": batch_size / (float(np.percentile(ms, 50)) / 1e3),
+            "window_p50_ms": p50s, "windows": len(p50s), "window_s": window_s,
+            "stable": bool(stats.is_stable(p50s, tput, stability_pct)),
+            "spread_pct": stats.spread(p50s[-stats.STABLE_WINDOWS:]), "stability_pct": stability_pct,
+        }
+    return results, errors
+
+
+def _series(windows: list[dict]) -> tuple[list[float], list[float]]:
+    return [w["p50_ms"] for w in windows], [w["throughput"] for w in windows]
+
+
+def interleaved_speedup(reference: dict, variant: dict) -> dict:
+    """reference / variant from two callables measured in the same rounds: the ratio of their
+    median window p50s, its range over the rounds (window by window), and whether it may be
+    claimed (both sides stable by bench's rule)."""
+    ref, var = reference["window_p50_ms"], variant["window_p50_ms"]
+    ratio = float(np.median(ref) / np.median(var))
+    paired = [a / b for a, b in zip(ref, var) if b > 0]
+    return {"ratio": ratio, "range": [min(paired, default=ratio), max(paired, default=ratio)],
+            "stable": bool(reference["stable"] and variant["stable"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +483,13 @@ def _samples(config, version_dir: Path, synthetic: bool, what: str) -> tuple[dic
                                                   for t in config.inputs]
     path = version_dir / SAMPLES
     if path.is_file():
-        return cal.to_dataset(read_samples(path)[0], specs, "labels", str(path)).inputs, False
+        stored = read_samples(path)[0]
+        if not batching:
+            # optimize stores an unbatched model's samples as one whole request (state [2, n, 128]
+            # beside input [n, 576], scalars 0-d): that request is the one sample.
+            ranks = {t.name: len(t.shape) for t in config.inputs}
+            stored = {k: v[None] if k in ranks and v.ndim == ranks[k] else v for k, v in stored.items()}
+        return cal.to_dataset(stored, specs, "labels", str(path)).inputs, False
     if not synthetic:
         raise DataError(f"{what} has no samples.npz to measure with", value=str(version_dir),
                         hint="versions written by `serve-kit optimize` have one; or measure on random inputs "

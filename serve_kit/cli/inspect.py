@@ -43,7 +43,8 @@ def inspect(
                 "version": info.version, "variant": man.get("variant"), "backend": man.get("backend"),
                 "model_file": man.get("model_file"), "size_bytes": info.size_bytes,
                 "created": man.get("created"), "metric": val.get("metric"),
-                "cosine": min((e["cosine_mean"] for e in (val.get("errors") or {}).values()), default=None),
+                "cosine": min((e["cosine_mean"] for e in (val.get("errors") or {}).values()
+                               if e.get("cosine_mean") is not None), default=None),
                 "verified": (not problems) if verify else None, "problems": problems,
                 "calibration_synthetic": (man.get("calibration") or {}).get("synthetic"),
             })

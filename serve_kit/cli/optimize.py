@@ -11,28 +11,15 @@ from rich.table import Table
 
 from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, RepositorySpec, SourceSpec, TargetSpec,
                       TensorSpec)
-from ..errors import ConversionError, GateFailed, UsageError
+from ..errors import UsageError
 from . import app
 from ._common import err, human_size, out, run_with_progress, show
 
 
-def _parse_gate(items: list[str]) -> dict[str, dict[str, float]]:
-    gates: dict[str, dict[str, float]] = {}
-    fields = set(GateConfig.model_fields)
-    for item in items:
-        key, sep, value = item.partition("=")
-        prec, dot, fld = key.partition(".")
-        if not sep or not dot or fld not in fields or prec not in (*DEFAULT_GATES, "all"):
-            raise UsageError("gate is not PRECISION.FIELD=VALUE", value=item, origin="--gate",
-                             hint=f"precisions: {', '.join(DEFAULT_GATES)}, all; fields: {', '.join(sorted(fields))}"
-                                  "; e.g. --gate int8.max_metric_drop=0.5")
-        try:
-            number = float(value)
-        except ValueError:
-            raise UsageError("gate value is not a number", value=value, origin=f"--gate {item}") from None
-        for p in (DEFAULT_GATES if prec == "all" else [prec]):
-            gates.setdefault(p, {})[fld] = number
-    return gates
+def _parse_gate(items: list[str]) -> dict[str, dict]:
+    from ..config import parse_gate_args
+
+    return parse_gate_args(items)
 
 
 def _spec_list(items: list[str], flag: str) -> list[TensorSpec] | None:
@@ -49,10 +36,16 @@ def optimize(
     model_name: Optional[str] = typer.Option(None, "--name", help="Model name in the repository."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weights for a factory: .safetensors or a state_dict "
                                                                   "(loaded with weights_only=True)."),
-    inputs: list[str] = typer.Option([], "--input", help="Input spec NAME:DATATYPE:SHAPE, e.g. input:FP32:-1x1x8x8 "
+    inputs: list[str] = typer.Option([], "--input", help="Input spec NAME:DATATYPE:SHAPE[@AXIS], e.g. "
+                                                         "input:FP32:-1x1x8x8, state:FP32:2x-1x128@1 (batch on axis 1), "
+                                                         "x:FP32:3x4@none (no batch axis), sr:INT64:scalar "
                                                          "(repeat per input)."),
     outputs: list[str] = typer.Option([], "--output", help="Output spec NAME:DATATYPE:SHAPE (repeat per output)."),
-    targets: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat); default: the recipe's, "
+    targets: list[str] = typer.Option([], "--target", "-t", help="Target to build (repeat), with settings if wanted: "
+                                                                 "NAME:KEY=VALUE,..., e.g. onnx-int8-static:"
+                                                                 "calibration_method=entropy,diagnose=false or "
+                                                                 "onnx-int8-dynamic:op_types=MatMul+Gemm,"
+                                                                 "gate.max_flip_rate=0.02; default: the recipe's, "
                                                                  "else all CPU targets."),
     calibration_data: Optional[str] = typer.Option(None, "--calibration-data", help=".npz, .npy or folder of them."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out evaluation data (default: a split of "
@@ -62,38 +55,91 @@ def optimize(
     allow_synthetic: bool = typer.Option(False, "--allow-synthetic-calibration",
                                          help="Calibrate and validate on random data (loudly labelled)."),
     gate: list[str] = typer.Option([], "--gate", help="Loosen or tighten a gate: PRECISION.FIELD=VALUE, e.g. "
-                                                      "int8.max_metric_drop=0.5 or all.min_cosine=0.999."),
+                                                      "int8.max_metric_drop=0.5, all.min_cosine=0.999, "
+                                                      "int8.max_flip_rate=none (off) or all.kinds.OUTPUT=probability "
+                                                      "(see README \"Gates\")."),
     select: str = typer.Option("fastest", "--select", help="`fastest` passing variant, a target name, or `none` "
                                                            "(validate only, write nothing)."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Write the fastest passing variant even when "
                                                                 "others miss their gate (exit 0)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Latency batch sizes, e.g. 1,32."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Where to write report.json (default: "
-                                                                 "<repository>/<model>/optimize-report.json)."),
+    # -- model shapes (optimize/signature.py) --
+    constants: list[str] = typer.Option([], "--constant", help="Bake an input or forward() argument into the model: "
+                                                               "NAME=VALUE (a number, bool, string or JSON list), e.g. "
+                                                               "sr=16000; it leaves the served signature (repeat)."),
+    state: list[str] = typer.Option([], "--state", help="OUTPUT=INPUT: the output feeds the input at the next call, "
+                                                        "e.g. stateN=state; data are then consecutive chunks of "
+                                                        "streams, run closed-loop (repeat)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the report here (it is always kept "
+                                                                 "in <repository>/<model>/.runs/, and in the version "
+                                                                 "it wrote)."),
+    strict: bool = typer.Option(False, "--strict", help="Targets that do not apply or cannot run here count as "
+                                                        "errors: nothing is written (without --keep-going), exit 1."),
+    force: bool = typer.Option(False, "--force", help="Write a version whose inputs/outputs or source differ from "
+                                                      "the model's latest version (recorded in the report)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of calibration and diagnosis, "
+                                                                        "e.g. 4G, 512M or bytes (default: a quarter "
+                                                                        "of the RAM)."),
+    min_speedup: float = typer.Option(1.0, "--min-speedup", help="The fastest passing variant must be stably this "
+                                                                 "much faster than the source, else --when-slower "
+                                                                 "applies."),
+    when_slower: str = typer.Option("source", "--when-slower", help="When no variant is stably faster by "
+                                                                    "--min-speedup: `source` writes the source model "
+                                                                    "as is, `nothing` writes nothing."),
 ) -> None:
     """Export and quantize a model, validate every variant against the reference on held-out real
     data, and write the fastest variant that passed its gate as the next version in the repository.
 
-    A variant that misses its gate is never written; the command then exits 3.
+    A variant that misses its gate is never written. Exit codes: 0 a version was written (or, with
+    --select none, every variant validated); 1 a serve-kit bug in any row, or nothing written
+    because of errors or no target applied; 2 usage error (before any work); 3 nothing written
+    and a variant missed its gate. A missed gate or an error blocks writing unless --keep-going;
+    targets that do not apply never do, except with --strict.
     """
-    from ..optimize.pipeline import run
+    from ..optimize.pipeline import outcome, run
 
     job = _build_job(model, recipe, repository, model_name, weights, inputs, outputs, targets, calibration_data,
                      eval_data, label_key, metric, allow_synthetic, gate, select, keep_going, batch_sizes, report)
+    _shapes_options(job, constants, state)
+    _pipeline_options(job, strict, force, max_memory, min_speedup, when_slower)
     result = run_with_progress(run, job)
     show(result, render)
+    for v in result["variants"]:
+        if v["status"] == "bug":  # serve-kit's own bug: the traceback, for the bug report
+            err.print(f"[red]{v['name']}: a bug in serve-kit[/] (please report it):\n{escape(v['traceback'])}",
+                      highlight=False)
+    code = outcome(result, job.strict)
+    if code:
+        err.print(f"[red]{_why_not_ok(result, code)}[/] (exit {code}; report: {escape(result['report_path'])})")
+        raise typer.Exit(code)
+
+
+def _pipeline_options(job, strict: bool, force: bool, max_memory: str | None, min_speedup: float,
+                      when_slower: str) -> None:
+    from ..optimize.pipeline import parse_size
+
+    if when_slower not in ("source", "nothing"):
+        raise UsageError("--when-slower is `source` or `nothing`", value=when_slower, origin="--when-slower")
+    if not min_speedup > 0:
+        raise UsageError("--min-speedup must be a positive ratio, e.g. 1.2", value=min_speedup,
+                         origin="--min-speedup")
+    job.strict, job.force, job.min_speedup, job.when_slower = strict, force, min_speedup, when_slower
+    if max_memory is not None:
+        job.memory_budget = parse_size(max_memory, "--max-memory")
+
+
+def _why_not_ok(result: dict, code: int) -> str:
+    by = lambda *s: [v["name"] for v in result["variants"] if v["status"] in s]  # noqa: E731
+    if by("bug"):
+        return f"serve-kit bug in: {', '.join(by('bug'))}"
     if result.get("selection_error"):
-        raise UsageError(result["selection_error"], origin="--select")
-    if result["gate_failed"] and not (job.keep_going and result["written"]):
-        raise GateFailed(f"variant(s) missed their accuracy gate: {', '.join(result['gate_failed'])}; nothing written"
-                         if not result["written"] else "", origin=result["report_path"],
-                         hint="loosen a gate on purpose with --gate PRECISION.FIELD=VALUE, drop the target, "
-                              "or --keep-going to write the fastest passing variant")
-    if result["errors"] and not (job.keep_going and result["written"]):
-        raise ConversionError(f"variant(s) failed to build: {', '.join(result['errors'])}; nothing written",
-                              origin=result["report_path"], hint="see the messages above, or --keep-going")
-    if not result["written"] and job.select != "none":
-        raise GateFailed("no variant passed its gate; nothing written", origin=result["report_path"])
+        return result["selection_error"]
+    if code == 3:
+        return (f"variant(s) missed their accuracy gate: {', '.join(by('failed'))}; nothing written "
+                "(loosen a gate on purpose with --gate, drop the target, or --keep-going)")
+    if result.get("not_written_because"):
+        return f"nothing written: {result['not_written_because']}"
+    return "nothing written"
 
 
 def _build_job(model, recipe, repository, model_name, weights, inputs, outputs, targets, calibration_data,
@@ -120,11 +166,11 @@ def _build_job(model, recipe, repository, model_name, weights, inputs, outputs, 
         data = data.model_copy(update={"label_key": label_key})
     gates = {k: v.model_copy() for k, v in (r.gates.items() if r else [])}
     for prec, fields in _parse_gate(gate).items():
-        base = gates.get(prec, GateConfig())
-        gates[prec] = GateConfig(**{**base.model_dump(exclude_unset=True), **fields})
+        gates[prec] = gates.get(prec, GateConfig()).merged(GateConfig(**fields))
     if targets:
-        by_name = {t.name: t for t in (r.targets if r else [])}
-        target_specs = [by_name.get(t, TargetSpec(name=t)) for t in targets]
+        from ..optimize.target_args import parse_target_args
+
+        target_specs = parse_target_args(targets, r.targets if r else None)
     else:
         target_specs = list(r.targets) if r else []
     for t in target_specs:
@@ -144,11 +190,39 @@ def _build_job(model, recipe, repository, model_name, weights, inputs, outputs, 
         targets=target_specs, gates=gates, latency=latency,
         repo_spec=r.repository if r else RepositorySpec(),
         model_name=model_name, select=select, keep_going=keep_going, recipe=r.name if r else None,
-        report_path=report)
+        report_path=report,
+        constants=dict(r.constants) if r else {}, state=dict(r.state) if r else {})
+
+
+def _shapes_options(job, constants: list[str], state: list[str]) -> None:
+    """--constant and --state (checked here, before any work; applied by optimize/signature.py)."""
+    from ..optimize.signature import parse_constants, parse_state
+
+    job.constants = {**job.constants, **parse_constants(constants)}
+    job.state = {**job.state, **parse_state(state)}
 
 
 def _fmt_ms(v: dict | None, b: str) -> str:
-    return f"{v[b]['p50_ms']:.3f}" if v and b in v else "-"
+    if not v or b not in v:
+        return "-"
+    return f"{v[b]['p50_ms']:.3f}" + ("" if v[b].get("stable", True) else " [yellow]~[/]")
+
+
+def _fmt_speedup(v: dict, b: str) -> str:
+    """A speedup only from a stable interleaved comparison; else UNSTABLE with its range."""
+    sp = (v.get("speedup") or {}).get(b)
+    if sp is not None:
+        return f"{sp:.2f}x"
+    rng = (v.get("speedup_range") or {}).get(b)
+    return f"[yellow]UNSTABLE[/] {rng[0]:.2f}-{rng[1]:.2f}x" if rng else "-"
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
+
+
+def _phase(v: dict) -> str:
+    return f" ({v['phase']})" if v.get("phase") else ""
 
 
 def render(result: dict) -> None:
@@ -177,34 +251,39 @@ def render(result: dict) -> None:
         row = [v["name"] + (" *" if v["name"] == result.get("selected") and result.get("written") else ""),
                human_size(v["size_bytes"]) if v.get("size_bytes") else "-"]
         for b in sizes:
-            sp = (v.get("speedup") or {}).get(b)
-            row += [_fmt_ms(v.get("latency"), b), f"{sp:.2f}x" if sp else "-"]
+            row += [_fmt_ms(v.get("latency"), b), _fmt_speedup(v, b)]
         row.append(f"{max(e['max_abs_error'] for e in errors.values()):.2e}" if errors else "-")
-        row.append(f"{min(e['cosine_mean'] for e in errors.values()):.6f}" if errors else "-")
+        # One-element outputs have no cosine (None): it would be 1.0 whatever the error.
+        cosines = [e["cosine_mean"] for e in errors.values() if e.get("cosine_mean") is not None]
+        row.append(f"{min(cosines):.6f}" if cosines else "-")
         if val.get("metric") is not None:
             d = val.get("metric_delta")
             row.append(f"{val['metric']:.2f} ({d:+.2f})" if d is not None else f"{val['metric']:.2f}")
         else:
             row.append("-")
         status = v["status"]
-        style = {"passed": "green", "failed": "red", "error": "red", "unavailable": "dim"}[status]
-        label = status
+        style = {"passed": "green", "failed": "red", "error": "red", "bug": "bold red", "unavailable": "dim",
+                 "not-applicable": "yellow"}.get(status, "")
+        label = "not applicable" if status == "not-applicable" else status
         if status == "passed" and v.get("gate_origin") == "user":
             label += " (user gate)"
         if v.get("attempts", 1) > 1:
             label += f" after {v['attempts']} tries"
-        if status == "unavailable":
+        if status in ("unavailable", "not-applicable"):
             # The cause in the table; the whole reason (with how to get it) once, below it.
-            label += f": {v['reason'].split('; ')[0]}"
+            label += f": {_first_line(v['reason']).split('; ')[0]}"
+        elif status in ("error", "bug"):
+            label += f": {_first_line(v['error'])[:80]}"
         row.append(f"[{style}]{escape(label)}[/]")
         table.add_row(*row)
     out.print(table)
-    reasons: dict[str, list[str]] = {}
+    reasons: dict[tuple[str, str], list[str]] = {}
     for v in result["variants"]:
-        if v["status"] == "unavailable" and "; " in v["reason"]:
-            reasons.setdefault(v["reason"], []).append(v["name"])
-    for reason, names in reasons.items():
-        out.print(f"[dim]{', '.join(names)} unavailable: {escape(reason)}[/]")
+        if v["status"] in ("unavailable", "not-applicable") and v["reason"] != _first_line(v["reason"]).split("; ")[0]:
+            reasons.setdefault((v["status"], v["reason"]), []).append(v["name"])
+    for (status, reason), names in reasons.items():
+        word = "not applicable" if status == "not-applicable" else status
+        out.print(f"[dim]{', '.join(names)} {word}: {escape(reason)}[/]")
     for v in result["variants"]:
         kept = (v.get("details") or {}).get("nodes_kept_in_float")
         if kept:
@@ -213,7 +292,17 @@ def render(result: dict) -> None:
             out.print(f"[red]{v['name']} missed its gate:[/] " + "; ".join(
                 c["text"] for c in v["validation"]["checks"] if not c["passed"]))
         if v["status"] == "error":
-            out.print(f"[red]{v['name']} failed:[/] {escape(v['error'])}", highlight=False)
+            out.print(f"[red]{v['name']} failed{_phase(v)}:[/] {escape(v['error'])}", highlight=False)
+        if v.get("retry_error"):
+            out.print(f"[red]{v['name']}: after the missed gate, the retry failed:[/] "
+                      f"{escape(v['retry_error']['error'])}", highlight=False)
+    if result.get("slower"):
+        out.print(f"[yellow]{escape(result['slower'])}[/]")
+    lat = result.get("latency_settings")
+    if lat:
+        out.print(f"[dim]latency: reference and variants interleaved, {lat['intra_op_threads']} intra-op thread(s) "
+                  f"(the server's); UNSTABLE = windows differ by more than {lat['stability_pct']:g}%, no speedup "
+                  "claimed[/]")
     w = result.get("written")
     if w:
         out.print(f"[green]wrote[/] {w['model']} version {w['version']} ({w['variant']}) -> {w['path']}")

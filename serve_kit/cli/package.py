@@ -112,7 +112,8 @@ def render(result: dict) -> None:
                 out.print(f"smoke test {m['model']}/{m['version']}: [yellow]skipped[/] ({m['skipped']})")
                 continue
             worst = "; ".join(f"{k}: max abs err {c['max_abs_error']:.3g} <= {c['max_abs_limit']:.3g}, "
-                              f"min cosine {c['cosine_min']:.6f}" for k, c in m["outputs"].items())
+                              + (f"min cosine {c['cosine_min']:.6f}" if c.get("cosine_min") is not None
+                               else "no cosine (one element)") for k, c in m["outputs"].items())
             out.print(f"smoke test {m['model']}/{m['version']}: [green]passed[/] on {m['samples']} samples ({worst}); "
                       f"ready in {smoke['ready_seconds']} s, Docker health: {smoke['health']}")
     if result.get("push"):

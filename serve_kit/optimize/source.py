@@ -34,7 +34,10 @@ class Source:
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    signature: Any = None
+    """The optimize.signature.Signature settled for this run (constants, state, batch axes)."""
     _ort: Any = None
+    _types: dict[str, Any] | None = None
 
     @property
     def reference_name(self) -> str:
@@ -54,15 +57,28 @@ class Source:
         from ..runtime.backends.torchscript import torch_outputs_to_numpy
 
         names = [s.name for s in self.inputs or []]
+        if self._types is None:
+            from .signature import forward_parameters
+
+            self._types = dict(forward_parameters(self.model))
         # TorchScript modules fail under inference_mode ("Inference tensors cannot be saved for
         # backward") when not frozen; no_grad is safe for both.
         with (torch.inference_mode() if self.kind == "torch" else torch.no_grad()):
-            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names]
+            args = [_argument(inputs[n], self._types.get(n)) for n in names]
             result = self.model(*args)
         return torch_outputs_to_numpy(result, [o.name for o in self.outputs or []])
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "ref": self.ref, "sha256": self.sha256, **self.info}
+
+
+def _argument(value: np.ndarray, kind: str | None):
+    """A forward() argument: a tensor, or a Python scalar where forward() takes int/float/bool."""
+    import torch
+
+    if kind in ("int", "float", "bool") and np.ndim(value) == 0:
+        return {"int": int, "float": float, "bool": bool}[kind](np.asarray(value).item())
+    return torch.from_numpy(np.asarray(value, order="C"))
 
 
 def _hash_state(module) -> str:
@@ -113,14 +129,31 @@ def _load_weights(module, path: Path) -> None:
 
 
 def _onnx_specs(values) -> list[TensorSpec]:
+    """Specs of graph inputs/outputs. The batch axis is the first dimension when it is variable;
+    else the dimension named like another tensor's batch dimension (state [2, batch, 128]); else
+    the only variable dimension; else none (the user declares it with --input ...@AXIS)."""
     from onnx import helper
 
-    specs = []
+    rows = []
     for v in values:
         t = v.type.tensor_type
         np_dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim]
-        specs.append(TensorSpec(name=v.name, datatype=datatype_of(np_dtype), shape=dims))
+        names = [d.dim_param if d.HasField("dim_param") else "" for d in t.shape.dim]
+        rows.append((v.name, datatype_of(np_dtype), dims, names))
+    batch_names = {names[0] for _, _, dims, names in rows if dims and dims[0] == -1 and names[0]}
+    specs = []
+    for name, dt, dims, names in rows:
+        variable = [i for i, d in enumerate(dims) if d == -1]
+        if dims and dims[0] == -1:
+            axis = 0
+        elif any(names[i] in batch_names for i in variable):
+            axis = next(i for i in variable if names[i] in batch_names)
+        elif len(variable) == 1:
+            axis = variable[0]
+        else:
+            axis = None
+        specs.append(TensorSpec(name=name, datatype=dt, shape=dims, batch_axis=axis))
     return specs
 
 

@@ -1,22 +1,45 @@
 """Validation: run a variant against the reference on held-out real inputs and apply its gate.
 
-Per output: max absolute error, max relative error (to the reference's largest magnitude), mean
-and minimum per-sample cosine similarity; with labels or a metric function, the task metric and
-its change. A variant passes only if every configured check of its gate passes.
+Every output is compared over the WHOLE evaluation set with the measures that fit its kind (see the
+README's "Gates"):
+
+- every output: max and mean absolute error, relative L2 error of the whole set
+  (||variant - reference|| / ||reference||, all samples and elements together);
+- outputs of more than one element per sample: per-sample cosine (mean and minimum); a one-element
+  output has none, since its cosine is 1.0 by construction whatever the error;
+- small outputs (at most 16 elements per sample): cosine across samples, one vector per element
+  position over the whole set, so that a scalar output has a similarity measure that can fail;
+- probability, logit and discrete outputs: the share of decisions that flip (argmax over the last
+  axis for multi-class, the threshold for single probabilities, the sigmoid at it for single
+  logits, equality for integers);
+- probability outputs: the largest absolute probability error (the silero-vad case: 0.98 on one
+  sample, invisible to an averaged or relative measure).
+
+The kind of an output is detected from the reference's values (see `detect_kind`), or set per output
+in the gate (`kinds`). With labels and a task metric, the metric and its change are checked too. A
+variant passes only if every check its gate configures passes; the result lists every check and the
+worst-offending output, measure and sample.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ..config import GateConfig
-from ..errors import InputError
+from ..errors import DataError, InputError
 from .calibration import Dataset, import_object
 
 EVAL_BATCH = 64
+SMALL_OUTPUT = 16
+"""Outputs of at most this many elements per sample also get the cosine across samples."""
+_CHUNK_ELEMENTS = 1 << 22
+"""Elements per output compared at once: float64 temporaries stay ~100 MB whatever the set's size."""
+_LOGIT_NAME = re.compile(r"(^|[^a-z])(logits?|scores?|cls|class|classes)([^a-z]|$)")
 
 
 def run_batched(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], data: Dataset,
@@ -31,34 +54,236 @@ def run_batched(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], da
     return {k: np.concatenate(v, axis=0) for k, v in chunks.items()}
 
 
-def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+# ---------------------------------------------------------------------------------------------
+# output kinds
+
+
+def _as_samples(a: np.ndarray) -> np.ndarray:
+    """Samples along axis 0, so that a rank-0 or rank-1 output is a set of one-element samples."""
+    return a.reshape(1) if a.ndim == 0 else a
+
+
+def _chunks(n: int, per_sample: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _is_multiclass_probability(r: np.ndarray) -> bool:
+    if r.ndim < 2 or r.shape[-1] < 2:
+        return False
+    per_sample = int(np.prod(r.shape[1:]))
+    return all(bool(np.all(np.abs(np.sum(r[s], axis=-1, dtype=np.float64) - 1.0) <= 1e-3))
+               for s in _chunks(len(r), per_sample))
+
+
+def detect_kind(name: str, reference: np.ndarray, classifier: bool = False) -> str:
+    """The kind of an output from the reference's values over the evaluation set:
+
+    - `discrete`: integer or boolean datatype;
+    - `probability`: every value finite and within [0, 1];
+    - `logits`: class scores, i.e. the output the task metric reads as scores (`classifier`), or
+      one whose name says so (`logits`, `scores`, `cls`, `class`...);
+    - `regression`: anything else (regression values, embeddings, feature maps).
+
+    Shape alone cannot tell logits from a 4-value box regression or an embedding, hence the name
+    and the metric; `kinds` in the gate config overrides the detection."""
+    r = _as_samples(np.asarray(reference))
+    if r.dtype.kind in "biu":
+        return "discrete"
+    if r.dtype.kind != "f" or r.size == 0:
+        return "regression"
+    if _within_unit_interval(r):
+        return "probability"
+    if classifier or _LOGIT_NAME.search(name.lower()):
+        return "logits"
+    return "regression"
+
+
+def _within_unit_interval(r: np.ndarray) -> bool:
+    per_sample = int(np.prod(r.shape[1:])) if r.ndim > 1 else 1
+    for s in _chunks(len(r), per_sample):
+        c = r[s]
+        # NaN fails both comparisons, so a NaN anywhere is not a probability either.
+        if not (bool(np.all(c >= 0.0)) and bool(np.all(c <= 1.0))):
+            return False
+    return True
+
+
+def _decision(kind: str, r: np.ndarray, threshold: float) -> str | None:
+    """How a probability/logit/discrete output decides: `argmax`, `threshold T` or `equal`."""
+    if kind == "discrete":
+        return "equal"
+    if kind == "probability":
+        return "argmax" if _is_multiclass_probability(r) else f"threshold {threshold:g}"
+    if kind == "logits":
+        return "argmax" if r.ndim >= 2 and r.shape[-1] >= 2 else f"sigmoid threshold {threshold:g}"
+    return None
+
+
+def _decide(decision: str, a: np.ndarray, threshold: float) -> np.ndarray:
+    if decision == "argmax":
+        return np.argmax(a, axis=-1)
+    if decision == "equal":
+        return a
+    if decision.startswith("sigmoid"):
+        return a > math.log(threshold / (1.0 - threshold))
+    return a > threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# measures
+
+
+def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], gate: GateConfig | None = None,
+                    classifier: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per output of `ref`, the measures of `got` against it over the whole set (module docstring).
+
+    `gate` supplies per-output kinds and decision thresholds (default: detected, 0.5);
+    `classifier` names the output a task metric reads as class scores (it is then `logits`).
+    A measure that does not apply to an output is None. `worst_sample` maps each measure to the
+    sample where it is worst."""
+    gate = gate or GateConfig()
+    check_gate_outputs(gate, list(ref))
     result = {}
     for name, r in ref.items():
         if name not in got:
             raise InputError(f"variant produced no output {name!r}", value=sorted(got))
-        g = got[name]
+        g = np.asarray(got[name])
+        r = np.asarray(r)
         if g.shape != r.shape:
             raise InputError(f"output {name!r} has shape {list(g.shape)}, reference {list(r.shape)}")
-        r64, g64 = r.astype(np.float64), g.astype(np.float64)
-        diff = np.abs(r64 - g64)
-        scale = float(np.max(np.abs(r64))) or 1.0
-        a = r64.reshape(len(r64), -1) if r64.ndim > 1 else r64.reshape(-1, 1)
-        b = g64.reshape(len(g64), -1) if g64.ndim > 1 else g64.reshape(-1, 1)
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        both_zero = (na == 0) & (nb == 0)
-        cos = np.where(both_zero, 1.0, np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-30))
-        finite = bool(np.all(np.isfinite(g64)))
-        result[name] = {
-            "max_abs_error": float(np.max(diff)) if finite else float("inf"),
-            "max_rel_error": float(np.max(diff) / scale) if finite else float("inf"),
-            "cosine_mean": float(np.mean(cos)) if finite else -1.0,
-            "cosine_min": float(np.min(cos)) if finite else -1.0,
-        }
+        r, g = _as_samples(r), _as_samples(g)
+        kind = gate.kinds.get(name) or detect_kind(name, r, classifier == name)
+        threshold = gate.threshold_for(name)
+        result[name] = _measure(r, g, kind, threshold)
+        result[name]["kind_from"] = "gate" if name in gate.kinds else "detected"
     return result
 
 
+def check_gate_outputs(gate: GateConfig, outputs: list[str], origin: str = "gate kinds / thresholds") -> None:
+    """A `kinds` or `thresholds` entry must name an output: a misspelt name would leave the
+    detected kind in force without a word."""
+    unknown = sorted((set(gate.kinds) | set(gate.thresholds)) - set(outputs))
+    if unknown:
+        raise InputError(f"the gate sets kinds or thresholds for outputs the model does not have: {unknown}",
+                         origin=origin, hint=f"the outputs are {outputs}")
+
+
+def _measure(r: np.ndarray, g: np.ndarray, kind: str, threshold: float) -> dict[str, Any]:
+    n = len(r)
+    per_sample = int(np.prod(r.shape[1:])) if r.ndim > 1 else 1
+    decision = _decision(kind, r, threshold)
+    small = per_sample <= SMALL_OUTPUT
+    out: dict[str, Any] = {"kind": kind, "elements_per_sample": per_sample, "decision": decision}
+    if n == 0 or per_sample == 0:
+        return {**out, "max_abs_error": 0.0, "mean_abs_error": 0.0, "max_rel_error": 0.0, "rel_l2": 0.0,
+                "cosine_mean": None, "cosine_min": None, "cosine_across": None, "prob_error": None,
+                "flip_rate": 0.0 if decision else None, "worst_sample": {}}
+
+    sq_diff = sq_ref = abs_sum = 0.0
+    ref_scale = 0.0
+    sample_max = np.zeros(n)      # largest |diff| per sample
+    sample_l2 = np.zeros(n)       # squared L2 of the diff per sample
+    cos = np.ones(n) if per_sample > 1 else None
+    cols = np.zeros((3, per_sample)) if small and n > 1 else None  # dot, |ref|^2, |got|^2 per element position
+    col_worst = np.zeros((2, per_sample))                         # (|diff|, sample) per element position
+    flips = 0
+    decisions = 0
+    sample_flips = np.zeros(n, dtype=np.int64)
+    broken = False
+    for s in _chunks(n, per_sample):
+        a = r[s].astype(np.float64).reshape(s.stop - s.start, -1)
+        b = g[s].astype(np.float64).reshape(s.stop - s.start, -1)
+        # Non-finite values must be where the reference has the very same ones; anything else
+        # (a NaN or overflow the reference does not have) fails every measure.
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        if not (np.array_equal(fa, fb) and np.array_equal(a[~fa], b[~fb], equal_nan=True)):
+            broken = True
+            break
+        if not fa.all():
+            a, b = np.where(fa, a, 0.0), np.where(fb, b, 0.0)
+        d = np.abs(a - b)
+        sq_diff += float(np.sum(d * d))
+        sq_ref += float(np.sum(a * a))
+        abs_sum += float(np.sum(d))
+        ref_scale = max(ref_scale, float(np.max(np.abs(a))))
+        sample_max[s] = np.max(d, axis=1)
+        sample_l2[s] = np.sum(d * d, axis=1)
+        if cos is not None:
+            na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+            both_zero = (na == 0) & (nb == 0)
+            cos[s] = np.where(both_zero, 1.0, np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-30))
+        if cols is not None:
+            cols[0] += np.sum(a * b, axis=0)
+            cols[1] += np.sum(a * a, axis=0)
+            cols[2] += np.sum(b * b, axis=0)
+            worst_here = np.argmax(d, axis=0)
+            better = d[worst_here, np.arange(per_sample)] > col_worst[0]
+            col_worst[0] = np.where(better, d[worst_here, np.arange(per_sample)], col_worst[0])
+            col_worst[1] = np.where(better, worst_here + s.start, col_worst[1])
+        if decision:
+            flipped = _decide(decision, r[s], threshold) != _decide(decision, g[s], threshold)
+            flipped = flipped.reshape(s.stop - s.start, -1)
+            sample_flips[s] = np.sum(flipped, axis=1)
+            flips += int(np.sum(flipped))
+            decisions += flipped.size
+
+    if broken:
+        inf = float("inf")
+        return {**out, "max_abs_error": inf, "mean_abs_error": inf, "max_rel_error": inf, "rel_l2": inf,
+                "cosine_mean": None if cos is None else -1.0, "cosine_min": None if cos is None else -1.0,
+                "cosine_across": None if cols is None else -1.0,
+                "prob_error": inf if kind == "probability" else None,
+                "flip_rate": 1.0 if decision else None, "worst_sample": {}, "non_finite": True}
+
+    max_abs = float(np.max(sample_max))
+    worst_abs = int(np.argmax(sample_max))
+    continuous = kind != "discrete"
+    out.update(max_abs_error=max_abs, mean_abs_error=abs_sum / (n * per_sample),
+               max_rel_error=max_abs / (ref_scale or 1.0))
+    worst: dict[str, int] = {"max_abs_error": worst_abs}
+    # An all-zero reference has no relative error to speak of; the absolute error still applies.
+    out["rel_l2"] = (math.sqrt(sq_diff / sq_ref) if sq_ref > 0 else (0.0 if sq_diff == 0 else None)) \
+        if continuous else None
+    if out["rel_l2"] is not None:
+        worst["rel_l2"] = int(np.argmax(sample_l2))
+    if cos is not None and continuous:
+        out.update(cosine_mean=float(np.mean(cos)), cosine_min=float(np.min(cos)))
+        worst["cosine_mean"] = int(np.argmin(cos))
+    else:
+        out.update(cosine_mean=None, cosine_min=None)
+    if cols is not None and continuous:
+        dot, ra, gb = cols
+        # sqrt(ra) * sqrt(gb), not sqrt(ra * gb): the product underflows for tiny values, and
+        # a column that matches exactly is 1 whatever its scale.
+        norms = np.sqrt(ra) * np.sqrt(gb)
+        across = np.where(col_worst[0] == 0, 1.0, dot / np.maximum(norms, np.finfo(np.float64).tiny))
+        j = int(np.argmin(across))
+        out["cosine_across"] = float(across[j])
+        worst["cosine_across"] = int(col_worst[1][j])
+    else:
+        out["cosine_across"] = None
+    out["prob_error"] = max_abs if kind == "probability" else None
+    if kind == "probability":
+        worst["prob_error"] = worst_abs
+    if decision:
+        out["flip_rate"] = flips / decisions if decisions else 0.0
+        out["decisions"] = decisions
+        worst["flip_rate"] = int(np.argmax(sample_flips))
+    else:
+        out["flip_rate"] = None
+    out["worst_sample"] = worst
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# task metric
+
+
 class Metric:
-    """A task metric: `top1` (accuracy in percent from the first output's argmax) or a user
+    """A task metric: `top1` (accuracy in percent of the first output's decisions: argmax over the
+    last axis, or the 0.5 threshold of a single probability / 0 of a single logit) or a user
     function `module:fn(outputs: dict[str, ndarray], labels: ndarray) -> float` (higher is better)."""
 
     def __init__(self, spec: str):
@@ -71,48 +296,139 @@ class Metric:
                 raise InputError("metric is not callable", value=spec, origin="--metric / recipe metric")
             self.fn = fn
 
+    def scores_output(self, outputs: dict[str, np.ndarray]) -> str | None:
+        """The output this metric reads as class scores (then a `logits` output for the gate)."""
+        return next(iter(outputs), None) if self.name == "top1" else None
+
+    def check_labels(self, labels: np.ndarray, samples: int | None = None, origin: str = "evaluation data",
+                     name: str = "labels") -> None:
+        """Refuse labels that cannot match this metric before any work (a top1 over string labels
+        would silently read 0.00): top1 needs integer class ids, one per sample. A user function
+        gets whatever dtype the user saved (e.g. text for an OCR metric), only the count is checked."""
+        labels = np.asarray(labels)
+        if samples is not None and labels.ndim >= 1 and len(labels) != samples:
+            raise DataError(f"label array {name!r} has {len(labels)} entries for {samples} samples",
+                            value=list(labels.shape), origin=origin, hint="save one label per sample")
+        if self.name != "top1":
+            return
+        hint = ("top1 compares the first output's predicted class ids with the labels: save them as "
+                "integers (e.g. np.int64 class indices; map class names to ids first)")
+        if labels.dtype.kind not in "biuf":
+            raise DataError(f"label array {name!r} has dtype {labels.dtype} ({_dtype_words(labels.dtype)}), "
+                            "which can never equal a class id", value=str(labels.dtype), origin=origin, hint=hint)
+        if labels.dtype.kind == "f" and not bool(np.all(np.isfinite(labels) & (labels == np.round(labels)))):
+            raise DataError(f"label array {name!r} holds non-integer floats, not class ids",
+                            value=str(labels.reshape(-1)[:5].tolist()), origin=origin, hint=hint)
+
     def __call__(self, outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
-        return float(self.fn(outputs, labels))
+        try:
+            value = self.fn(outputs, labels)
+            value = float(value)
+        except (InputError, DataError):
+            raise
+        except Exception as e:
+            raise InputError(f"metric {self.name!r} failed: {type(e).__name__}: "
+                             f"{(str(e).strip().splitlines() or [''])[0][:300]}",
+                             origin="--metric / recipe metric",
+                             hint="it is called as fn(outputs: dict[str, ndarray], labels: ndarray) -> float") from None
+        if not math.isfinite(value):
+            raise InputError(f"metric {self.name!r} returned {value}", origin="--metric / recipe metric",
+                             hint="a metric must return a finite number (higher is better)")
+        return value
+
+
+def _dtype_words(dtype: np.dtype) -> str:
+    return {"U": "text", "S": "bytes", "O": "Python objects", "c": "complex numbers", "M": "dates",
+            "m": "durations", "V": "raw records"}.get(dtype.kind, dtype.kind)
 
 
 def _top1(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
-    scores = next(iter(outputs.values()))
-    return 100.0 * float(np.mean(np.argmax(scores, axis=-1) == labels.reshape(-1)))
+    scores = _as_samples(np.asarray(next(iter(outputs.values()))))
+    if scores.ndim == 1 or scores.shape[-1] == 1:
+        # One score per sample: a binary decision, at 0.5 for probabilities and 0 for logits.
+        s = scores.reshape(len(scores), -1)[:, 0]
+        cut = 0.5 if float(np.min(s, initial=0.0)) >= 0 and float(np.max(s, initial=0.0)) <= 1 else 0.0
+        pred = (s > cut).astype(np.int64)
+    else:
+        pred = np.argmax(scores, axis=-1)
+    return 100.0 * float(np.mean(pred.reshape(-1) == labels.reshape(-1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate
+
+
+_CHECKS: list[tuple[str, str, str, str]] = [
+    # (measure in compare_outputs, gate field, "max" = value must not exceed / "min", words)
+    ("max_abs_error", "max_abs_error", "max", "max abs error"),
+    ("rel_l2", "max_rel_l2", "max", "relative L2 error"),
+    ("cosine_mean", "min_cosine", "min", "mean per-sample cosine"),
+    ("cosine_across", "min_cosine_across", "min", "cosine across samples"),
+    ("prob_error", "max_prob_error", "max", "probability error"),
+    ("flip_rate", "max_flip_rate", "max", "decision flip rate"),
+]
 
 
 @dataclass
 class GateResult:
     passed: bool
     checks: list[dict[str, Any]] = field(default_factory=list)
+    worst: dict[str, Any] | None = None
+    """The check closest to (or furthest past) its threshold: output, measure, sample, value."""
 
     @property
     def failures(self) -> list[str]:
         return [c["text"] for c in self.checks if not c["passed"]]
 
 
-def apply_gate(gate: GateConfig, errors: dict[str, dict[str, float]], metric_delta: float | None) -> GateResult:
+def _badness(value: float, threshold: float, direction: str) -> float:
+    """How far a value is towards its threshold: 1.0 at it, above 1 past it."""
+    if direction == "max":
+        return value / threshold if threshold > 0 else (math.inf if value > 0 else 0.0)
+    miss, room = 1.0 - value, 1.0 - threshold
+    return miss / room if room > 0 else (math.inf if miss > 0 else 0.0)
+
+
+def apply_gate(gate: GateConfig, errors: dict[str, dict[str, Any]], metric_delta: float | None) -> GateResult:
+    """Every check the gate configures for every output it applies to (a measure that is None for
+    an output, e.g. the cosine of one element, is not checked), then the metric drop."""
     checks = []
-
-    def check(name: str, value: float, limit: float, ok: bool, text: str) -> None:
-        checks.append({"check": name, "value": value, "limit": limit, "passed": bool(ok), "text": text})
-
     for out, e in errors.items():
-        if gate.min_cosine is not None:
-            check(f"{out}.cosine_mean", e["cosine_mean"], gate.min_cosine, e["cosine_mean"] >= gate.min_cosine,
-                  f"{out}: mean cosine {e['cosine_mean']:.6f} < {gate.min_cosine}")
-        if gate.max_abs_error is not None:
-            check(f"{out}.max_abs_error", e["max_abs_error"], gate.max_abs_error,
-                  e["max_abs_error"] <= gate.max_abs_error,
-                  f"{out}: max abs error {e['max_abs_error']:.3g} > {gate.max_abs_error}")
+        for measure, fld, direction, words in _CHECKS:
+            limit, value = getattr(gate, fld), e.get(measure)
+            if limit is None or value is None:
+                continue
+            ok = value <= limit if direction == "max" else value >= limit
+            sample = (e.get("worst_sample") or {}).get(measure)
+            at = f" (worst sample {sample})" if sample is not None else ""
+            sign = ("<=" if ok else ">") if direction == "max" else (">=" if ok else "<")
+            text = f"{out}: {words} {value:.4g} {sign} {limit:g}{at}"
+            checks.append({"check": f"{out}.{measure}", "output": out, "measure": measure, "value": value,
+                           "threshold": limit, "limit": limit, "passed": bool(ok), "sample": sample,
+                           "kind": e.get("kind"), "text": text,
+                           "badness": _badness(value, limit, direction)})
     if gate.max_metric_drop is not None and metric_delta is not None:
-        check("metric_drop", -metric_delta, gate.max_metric_drop, -metric_delta <= gate.max_metric_drop,
-              f"metric dropped {-metric_delta:.3f} > {gate.max_metric_drop}")
-    return GateResult(all(c["passed"] for c in checks), checks)
+        drop = -metric_delta
+        checks.append({"check": "metric_drop", "output": None, "measure": "metric_drop", "value": drop,
+                       "threshold": gate.max_metric_drop, "limit": gate.max_metric_drop,
+                       "passed": bool(drop <= gate.max_metric_drop), "sample": None, "kind": None,
+                       "text": f"metric dropped {drop:.3f} {'<=' if drop <= gate.max_metric_drop else '>'} "
+                               f"{gate.max_metric_drop}",
+                       "badness": _badness(drop, gate.max_metric_drop, "max") if drop > 0 else 0.0})
+    worst = None
+    if checks:
+        failed = [c for c in checks if not c["passed"]]
+        w = max(failed or checks, key=lambda c: c["badness"])
+        worst = {"output": w["output"], "measure": w["measure"], "sample": w["sample"], "value": w["value"],
+                 "threshold": w["threshold"], "passed": w["passed"]}
+    for c in checks:
+        c.pop("badness")
+    return GateResult(all(c["passed"] for c in checks), checks, worst)
 
 
 @dataclass
 class Validation:
-    errors: dict[str, dict[str, float]]
+    errors: dict[str, dict[str, Any]]
     metric: float | None
     metric_delta: float | None
     gate: GateConfig
@@ -122,15 +438,14 @@ class Validation:
     def to_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "errors": self.errors, "metric": self.metric,
                 "metric_delta": self.metric_delta, "gate": self.gate.model_dump(),
-                "passed": self.result.passed, "checks": self.result.checks}
+                "passed": self.result.passed, "checks": self.result.checks, "worst": self.result.worst}
 
 
 def validate(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], data: Dataset,
              metric: Metric | None, reference_metric: float | None, gate: GateConfig) -> Validation:
-    errors = compare_outputs(reference, outputs)
+    errors = compare_outputs(reference, outputs, gate, metric.scores_output(reference) if metric else None)
     value = delta = None
     if metric is not None and data.labels is not None:
         value = metric(outputs, data.labels)
         delta = value - reference_metric if reference_metric is not None else None
     return Validation(errors, value, delta, gate, apply_gate(gate, errors, delta), len(data))
-

@@ -164,7 +164,7 @@ def _register(uri: str, name: str, selection, *, image_ref: str, digest: str | N
                                               "latency": manifest.get("latency"),
                                               "reference": manifest.get("reference")}, indent=2, default=str))
                 client.log_artifact(run_id, str(report), artifact_path="reports")
-            optimize_report = selection.repository.root / v.model / "optimize-report.json"
+            optimize_report = v.path / "optimize-report.json"  # kept inside the version it wrote
             if optimize_report.is_file():
                 client.log_artifact(run_id, str(optimize_report), artifact_path=f"reports/{v.model}")
             metrics.update(_metrics(v.model, v.version, manifest))

@@ -63,12 +63,19 @@ def compare(config: ModelConfig, manifest: dict, outputs: dict[str, np.ndarray],
         errors = compare_outputs({spec.name: ref}, {spec.name: got.reshape(ref.shape)})[spec.name]
         rec = recorded.get(spec.name) or {}
         max_abs_limit = rec.get("max_abs_error", DEFAULT_MAX_ABS) * (1 + 1e-3) + 1e-5
-        min_cos_limit = rec.get("cosine_min", DEFAULT_MIN_COSINE) - 1e-5
         max_abs, min_cos = errors["max_abs_error"], errors["cosine_min"]
+        # A one-element output has no cosine (None): the max abs error is its whole check.
+        recorded_cos = rec.get("cosine_min", DEFAULT_MIN_COSINE)
+        min_cos_limit = None if min_cos is None or recorded_cos is None else recorded_cos - 1e-5
+        cos_ok = min_cos_limit is None or min_cos >= min_cos_limit
         result[spec.name] = {"max_abs_error": max_abs, "cosine_min": min_cos, "max_abs_limit": max_abs_limit,
                              "cosine_min_limit": min_cos_limit,
-                             "passed": bool(np.isfinite(max_abs) and max_abs <= max_abs_limit and min_cos >= min_cos_limit)}
+                             "passed": bool(np.isfinite(max_abs) and max_abs <= max_abs_limit and cos_ok)}
     return result
+
+
+def _fmt_cos(value: float | None) -> str:
+    return "none (one element)" if value is None else f"{value:.6f}"
 
 
 def infer(base_url: str, config: ModelConfig, version: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -130,7 +137,7 @@ def run_smoke_test(client, image_id: str, configs: dict[str, ModelConfig], versi
             if not ok:
                 failed.append(f"{v.model}/{v.version}: " + "; ".join(
                     f"{name}: max abs {c.get('max_abs_error', float('nan')):.3g} (limit {c.get('max_abs_limit', 0):.3g}), "
-                    f"min cosine {c.get('cosine_min', float('nan')):.6f} (limit {c.get('cosine_min_limit', 0):.6f})"
+                    f"min cosine {_fmt_cos(c.get('cosine_min'))} (limit {_fmt_cos(c.get('cosine_min_limit'))})"
                     if "reason" not in c else f"{name}: {c['reason']}" for name, c in checks.items() if not c["passed"]))
         result["seconds"] = round(time.monotonic() - t0, 2)
         result["passed"] = not failed

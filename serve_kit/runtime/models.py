@@ -156,12 +156,14 @@ def _warmup_inputs(config: ModelConfig, version_dir: Path) -> list[dict[str, np.
         if path.is_file():
             stored = read_samples(path)[0]
             got = {t.name: stored[t.name] for t in config.inputs if t.name in stored}
-            if len(got) == len(config.inputs) and all(len(a) for a in got.values()):
+            # .size, not len(): a scalar input's samples may be a 0-d array.
+            if len(got) == len(config.inputs) and all(a.size for a in got.values()):
                 samples = got
         if samples is None:
             log.warning("%s: no usable samples.npz in %s; warming up with zeros", config.name, version_dir)
     batching = config.max_batch_size > 0
-    sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching else [1]
+    sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching \
+        else [1][:len(config.warmup.batch_sizes)]  # `batch_sizes: []` turns warm-up off
     runs = []
     for b in sizes:
         inputs = {}
@@ -172,7 +174,7 @@ def _warmup_inputs(config: ModelConfig, version_dir: Path) -> list[dict[str, np.
                     a = a[0] if a.ndim == len(t.shape) + 1 else a
                 else:
                     a = np.concatenate([a] * math.ceil(b / len(a)))[:b]
-                inputs[t.name] = np.ascontiguousarray(a.astype(t.dtype, copy=False))
+                inputs[t.name] = np.asarray(a.astype(t.dtype, copy=False), order="C")
             else:
                 dims = [d if d != -1 else 1 for d in t.shape]
                 if batching:

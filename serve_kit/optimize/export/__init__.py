@@ -9,4 +9,4 @@ def example_args(ctx, batch_size: int = 2):
     import torch
 
     batch = ctx.calibration.tiled(batch_size)
-    return tuple(torch.from_numpy(np.ascontiguousarray(batch[s.name])) for s in ctx.inputs)
+    return tuple(torch.from_numpy(np.asarray(batch[s.name], order="C")) for s in ctx.inputs)

@@ -60,6 +60,16 @@ class OnnxTarget(Target):
                 return {"exporter": which, **({"fallback_from": errors} if errors else {})}
             except Exception as e:  # exporters raise many types; report the first line
                 errors[which] = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if ctx.source.kind == "torchscript" and ctx.source.info.get("constants"):
+            # A TorchScript file called with bound (non-tensor) arguments: the exporter must trace
+            # through the compiled module, which it cannot; the file itself is still served as is.
+            from ...errors import TargetNotApplicable
+
+            raise TargetNotApplicable("the ONNX exporter cannot trace through this TorchScript module with its bound "
+                                      f"arguments {sorted(ctx.source.info['constants'])}: {errors.get('legacy', '')}",
+                                      value=ctx.source.ref,
+                                      hint="export the model to ONNX from its Python code, or serve the "
+                                           "`torchscript` variant")
         raise ConversionError("ONNX export failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()),
                               value=ctx.source.ref,
                               hint="check the input signature; try `exporter: legacy` or `dynamo` explicitly")
@@ -110,7 +120,8 @@ def export_legacy(module, ctx: BuildContext, path, opset: int) -> None:
     one that exports Model Optimizer's quantized modules (dynamo fails on a data-dependent guard)."""
     import torch
 
-    axes = {s.name: {d: f"{s.name}_dim{d}" if d else "batch" for d, n in enumerate(s.shape) if n == -1}
+    # Each tensor's own batch axis (state [2, batch, 128] has it on axis 1) shares the name "batch".
+    axes = {s.name: {d: "batch" if d == s.batch_axis else f"{s.name}_dim{d}" for d, n in enumerate(s.shape) if n == -1}
             for s in [*ctx.inputs, *ctx.outputs]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

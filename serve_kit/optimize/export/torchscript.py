@@ -38,8 +38,13 @@ class TorchScriptTarget(Target):
             # torch 2.13 marks jit as deprecated; it is still the format TorchServe/Triton load.
             warnings.simplefilter("ignore")
             try:
-                if ctx.source.kind == "torchscript":
+                if ctx.source.kind == "torchscript" and isinstance(module, torch.jit.ScriptModule):
                     scripted = module
+                elif ctx.source.kind == "torchscript":
+                    # Constants bound around the TorchScript module (signature.bind): tracing keeps
+                    # the compiled module as a call and bakes the bound arguments in.
+                    with torch.inference_mode(False), torch.no_grad():
+                        scripted = torch.jit.trace(module, example_args(ctx), check_trace=False, strict=False)
                 elif cfg.method == "script":
                     scripted = torch.jit.script(module)
                 else:
@@ -49,8 +54,16 @@ class TorchScriptTarget(Target):
                 if cfg.freeze:
                     scripted = torch.jit.freeze(scripted)
             except Exception as e:
-                raise ConversionError(f"TorchScript {cfg.method} failed: {str(e).strip().splitlines()[0][:300]}",
-                                      value=ctx.source.ref,
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                if ctx.source.kind == "torchscript" and ctx.source.info.get("constants"):
+                    from ...errors import TargetNotApplicable
+
+                    raise TargetNotApplicable(f"cannot trace the TorchScript module with its bound arguments "
+                                              f"{sorted(ctx.source.info['constants'])}: {first}",
+                                              value=ctx.source.ref,
+                                              hint="serve the source file itself, or give the argument per call "
+                                                   "(--input NAME:DATATYPE:SHAPE and data)") from None
+                raise ConversionError(f"TorchScript {cfg.method} failed: {first}", value=ctx.source.ref,
                                       hint="try `method: script` (or trace) in the target's config") from None
             path = outdir / "model.pt"
             torch.jit.save(scripted, str(path))

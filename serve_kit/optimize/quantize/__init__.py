@@ -7,6 +7,36 @@ from pathlib import Path
 import numpy as np
 
 
+PROTOBUF_LIMIT = 1_800_000_000
+"""Protobuf refuses messages of 2 GiB; above this, models are saved with their weights beside."""
+
+
+def save_model(model, path: Path) -> None:
+    """onnx.save, with the weights in a `<name>.data` file beside when the model is too large for
+    one protobuf (a checked, loadable model either way)."""
+    import onnx
+
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+def is_large(path: Path) -> bool:
+    """Whether a model file needs external data on the way through a quantizer."""
+    return path.stat().st_size > PROTOBUF_LIMIT or (path.parent / (path.name + ".data")).exists()
+
+
+def model_inputs(path: Path) -> list[str]:
+    """The graph inputs a feed must name (initializers listed as inputs are not fed)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits]
+
+
 def gemm_to_matmul(src: Path, dst: Path) -> int:
     """Rewrite `Gemm(A, B, C)` with a constant B into `MatMul(A, B') + C`. Returns how many.
 
@@ -45,7 +75,7 @@ def gemm_to_matmul(src: Path, dst: Path) -> int:
         keep = [i for i in graph.initializer if i.name in used]
         del graph.initializer[:]
         graph.initializer.extend(keep)
-    onnx.save(model, str(dst))
+    save_model(model, dst)
     return count
 
 

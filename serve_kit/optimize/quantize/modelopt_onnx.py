@@ -30,9 +30,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from ...errors import ConversionError
+from ...errors import ConversionError, TargetError, TargetNotApplicable
 from ..target import Artifact, BuildContext, Target, TargetConfig, register_target
 from . import count_ops, gemm_to_matmul
+from .diagnose import guarded
+from .prepare import check_written
 
 INSTALL_HINT = ("pip install 'serve-kit[modelopt]' (nvidia-modelopt plus the ONNX packages its ONNX "
                 "path imports; not its [onnx] extra, which pins an older onnx and onnxruntime-gpu)")
@@ -127,7 +129,12 @@ class _ModeloptOnnxTarget(Target):
         if cfg.gemm_to_matmul:
             src = artifact.path.parent / MATMUL_GRAPH
         with ctx.progress.task(f"diagnose {self.name}: per-node sensitivity"):
-            plan = sensitivity_plan(src, artifact.path, probe, cfg.diagnose_target_cosine, artifact.path.parent)
+            plan, why = guarded(sensitivity_plan, src, artifact.path, probe, cfg.diagnose_target_cosine,
+                                artifact.path.parent)
+        if why:
+            artifact.details["diagnosis"] = why
+            ctx.progress.log(f"{self.name}: {why}", "yellow")
+            return None
         if not plan["exclude"]:
             return None
         artifact.details["diagnosis"] = plan
@@ -158,21 +165,21 @@ class _ModeloptOnnxTarget(Target):
                 with ort_quantization_restored(), stdout_to_stderr():
                     quantize(str(src), **args)
             except Exception as e:
-                raise ConversionError(f"Model Optimizer {self.mode} quantization failed: "
-                                      f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}",
-                                      value=str(src), hint="try another calibration_method, or exclude the "
-                                      "failing nodes with nodes_to_exclude") from None
+                raise TargetError.wrap("nvidia-modelopt", f"Model Optimizer {self.mode} quantization", e,
+                                       value=self.name, hint="try another calibration_method, or exclude the "
+                                       "failing nodes with nodes_to_exclude") from None
         if not path.is_file():
             raise ConversionError(f"Model Optimizer {self.mode} quantization wrote no model", value=str(path))
         ops = count_ops(path)
         if not (ops.get("DequantizeLinear") or ops.get("TRT_INT4DequantizeLinear")):
-            raise ConversionError(f"Model Optimizer {self.mode} quantized nothing in this graph",
-                                  value=str(src), hint="it skips MatMuls that TensorRT would run as a GEMV or "
-                                  "with K or N under 16 (no Tensor Core gain); op_types_to_quantize must name "
-                                  "ops the model has: " + ", ".join(sorted(count_ops(src))))
+            raise TargetNotApplicable(f"Model Optimizer {self.mode} quantized nothing in this graph",
+                                      value=self.name, hint="it skips MatMuls that TensorRT would run as a GEMV or "
+                                      "with K or N under 16 (no Tensor Core gain); op_types_to_quantize must name "
+                                      "ops the model has: " + ", ".join(sorted(count_ops(src))))
+        written = check_written(path, f"Model Optimizer {self.mode}")
         return Artifact(path, self.backend, {
             "quantizer": "nvidia-modelopt", "modelopt_version": _modelopt_version(), "mode": self.mode,
-            "calibration_method": cfg.calibration_method, "calibration_samples": n,
+            "calibration_method": cfg.calibration_method, "calibration_samples": n, "written_model": written,
             "high_precision_dtype": cfg.high_precision_dtype, "gemm_rewritten_as_matmul": rewritten,
             "nodes_kept_in_float": [*cfg.nodes_to_exclude, *cfg.keep_nodes], "ops": ops},
             backend_options=ort_options_for(path))

@@ -88,6 +88,14 @@ class TorchScriptBackend(Backend):
                 self.input_names = [a.name for a in args]
             except AttributeError:
                 self.input_names = ["input_0"]
+        # forward() arguments typed int/float/bool (e.g. a sample rate) take Python values: a
+        # rank-0 input for one is converted per call instead of failing on a tensor.
+        try:
+            kinds = {a.name: str(a.type) for a in self.module.forward.schema.arguments[1:]}
+        except AttributeError:
+            kinds = {}
+        self._scalar_args = {n: {"int": int, "float": float, "bool": bool}[kinds[n]]
+                             for n in self.input_names if kinds.get(n) in ("int", "float", "bool")}
 
     def _infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -96,14 +104,15 @@ class TorchScriptBackend(Backend):
             torch.set_num_threads(self._threads)
             self._threads_set_for = threading.get_ident()
         with torch.no_grad():  # inference_mode breaks unfrozen TorchScript modules
-            args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names]
+            args = [self._scalar_args[n](np.asarray(inputs[n]).item()) if n in self._scalar_args
+                    else torch.from_numpy(np.asarray(inputs[n], order="C")) for n in self.input_names]
             if self._stream is None:
                 return torch_outputs_to_numpy(self.module(*args), self.output_names)
             # Each backend instance has its own stream, so instances overlap on the GPU; the
             # copies back to the CPU (.cpu() in torch_outputs_to_numpy) wait for it.
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-                args = [a.to(self.device) for a in args]
-                if self._graphs is not None:
+                args = [a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args]
+                if self._graphs is not None and not self._scalar_args:
                     result = self._graphs.run(args)
                     if result is not None:
                         return torch_outputs_to_numpy(result, self.output_names)
