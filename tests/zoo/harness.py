@@ -72,7 +72,8 @@ class Run:
             "written": rep.get("written"),
             "rows": {v.get("name"): {k: v.get(k) for k in ("status", "reason", "error", "speedup")
                                      if v.get(k) is not None}
-                     | {"metric": (v.get("validation") or {}).get("metric")}
+                     | {"metric": (v.get("validation") or {}).get("metric"), "attempts": v.get("attempts"),
+                        "calibration": (v.get("details") or {}).get("calibration")}
                      for v in rep.get("variants", [])},
         }
 
