@@ -271,8 +271,12 @@ def _run(job: OptimizeJob, progress: ProgressSink, target_specs: list[TargetSpec
                             job.data.label_key)
     with progress.task(f"reference outputs ({source.reference_name})", len(split.evaluation)) as adv:
         # Stateful: closed-loop over the streams; the state inputs then hold what the reference saw.
+        if sig.pristine:  # state kept inside: the reference starts from the state as shipped
+            source.model = sig.pristine()
         evaluation, ref_out = sig.complete(source.run, split.evaluation, advance=adv)
     split = cal.DataSplit(sig.calibration_set(source.run, split.calibration), evaluation)
+    if sig.pristine:  # ... and so does every variant exported from it
+        source.model = sig.pristine()
     ref_metric = metric(ref_out, split.evaluation.labels) if metric else None
     report["reference"] = {"name": source.reference_name, "metric": ref_metric}
     report.update(sig.describe())

@@ -122,6 +122,9 @@ class Signature:
     """Set (to the evidence) when the model keeps state inside between calls: two identical calls
     answer differently (e.g. silero-vad's TorchScript file holds its recurrent state in
     attributes). Served, each request then continues whatever state the previous one left."""
+    pristine: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+    """With hidden_state: loads the module afresh (its state as shipped), so that the reference
+    run and every variant's export start from the same state."""
 
     def input(self, name: str) -> TensorSpec:
         return next(s for s in self.inputs if s.name == name)
@@ -160,6 +163,10 @@ class Signature:
         samples' order. A stateful signature runs closed-loop (see `closed_loop`)."""
         if self.stateful:
             return self.closed_loop(fn, ds, advance=advance)[0]
+        if self.hidden_state:
+            # State kept inside: consecutive samples are consecutive requests of a stream, one at
+            # a time as served (a batch would be read as parallel streams, or reset the state).
+            batch_size = 1
         chunks: dict[str, list[np.ndarray]] = {}
         n = len(ds)
         for start in range(0, n, batch_size):
@@ -704,6 +711,16 @@ def resolve(job, source, load_data: Callable[..., tuple[Any, dict | None]]) -> t
     check_state(state, sig.inputs, sig.outputs)
     if source.kind in ("torch", "torchscript"):
         sig.hidden_state = hidden_state(source.run, sig, probe_ds)
+        if sig.hidden_state:
+            names = [s.name for s in inputs]
+
+            def pristine(spec=job.source):
+                """The module as loaded, before any call changed the state it keeps inside."""
+                from .source import load_source
+
+                module = load_source(spec).model
+                return bind(module, constants, names) if constants else module
+            sig.pristine = pristine
     if constants and source.kind == "onnx":
         _check_baked(source, sig, probe_ds)
     source.outputs = sig.outputs

@@ -12,8 +12,9 @@ README's "Gates"):
 - probability, logit and discrete outputs: the share of decisions that flip (argmax over the last
   axis for multi-class, the threshold for single probabilities, the sigmoid at it for single
   logits, equality for integers);
-- probability outputs: the largest absolute probability error (the silero-vad case: 0.98 on one
-  sample, invisible to an averaged or relative measure).
+- small probability outputs (at most 16 per sample): the largest absolute probability error (the
+  silero-vad case: 0.98 on one sample, invisible to an averaged or relative measure); over a large
+  probability map one element's error says little, and the flip rate judges its decisions.
 
 The kind of an output is detected from the reference's values (see `detect_kind`), or set per output
 in the gate (`kinds`). With labels and a task metric, the metric and its change are checked too. A
@@ -264,8 +265,12 @@ def _measure(r: np.ndarray, g: np.ndarray, kind: str, threshold: float) -> dict[
         worst["cosine_across"] = int(col_worst[1][j])
     else:
         out["cosine_across"] = None
-    out["prob_error"] = max_abs if kind == "probability" else None
-    if kind == "probability":
+    # The worst single probability means something for a few probabilities per sample (a speech
+    # decision); over a map of thousands (a text-pixel map, a character distribution per
+    # position) one element's error says little, and the flip rate judges the decisions.
+    small_probability = kind == "probability" and per_sample <= SMALL_OUTPUT
+    out["prob_error"] = max_abs if small_probability else None
+    if small_probability:
         worst["prob_error"] = worst_abs
     if decision:
         out["flip_rate"] = flips / decisions if decisions else 0.0
