@@ -48,6 +48,7 @@ def _speedups(run: harness.Run) -> dict[str, dict]:
             # contract 8: a stability flag per figure, and the speedup's range across windows
             "stable": {b: x.get("stable") for b, x in lat.items() if isinstance(x, dict)},
             "speedup_range": v.get("speedup_range"),
+            "speedup_median": v.get("speedup_median"),
         }
     return out
 
@@ -92,22 +93,21 @@ def agreement(run: harness.Run, bench: dict) -> dict:
 
 
 def compare_repeats(a: dict, b: dict) -> dict[str, dict]:
-    """Per variant and batch size: the two runs' speedups, their ratio, and whether each run's
-    stated range covers the other's figure."""
+    """Per variant and batch size: the two runs' speedups (the claimed one where stable, else the
+    median round-by-round ratio, flagged unstable), their ratio, and whether each run's figure
+    lies within the other's stated range (its ratios over the rounds)."""
     out = {}
     for name in sorted(set(a) & set(b)):
-        sa, sb = a[name].get("speedup") or {}, b[name].get("speedup") or {}
-        for bs in sorted(set(sa) & set(sb)):
-            x, y = sa[bs], sb[bs]
-            if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
-                out[f"{name}@{bs}"] = {"first": x, "second": y}
-                continue
+        ma, mb = a[name].get("speedup_median") or {}, b[name].get("speedup_median") or {}
+        for bs in sorted(set(ma) & set(mb)):
+            x, y = ma[bs], mb[bs]
             ra = (a[name].get("speedup_range") or {}).get(bs)
             rb = (b[name].get("speedup_range") or {}).get(bs)
+            stable = [((r.get("speedup") or {}).get(bs) is not None) for r in (a[name], b[name])]
             within = None
             if ra and rb:
                 within = ra[0] <= y <= ra[1] or rb[0] <= x <= rb[1]
-            out[f"{name}@{bs}"] = {"first": x, "second": y, "ratio": y / x if x else None,
+            out[f"{name}@{bs}"] = {"first": x, "second": y, "ratio": y / x if x else None, "stable": stable,
                                    "ranges": [ra, rb], "within_stated_noise": within}
     return out
 
@@ -145,14 +145,19 @@ def main() -> int:
                 for t, row in entry["rows"].items():
                     log(f"  {t}: {row.get('status')} metric={row.get('metric')} speedup={row.get('speedup')}"
                         + (f" ({row.get('reason') or row.get('error')})" if row.get("status") != "passed" else ""))
+                if entry.get("bench"):
+                    b = entry["bench"]
+                    log("  bench on the written version: " + ", ".join(
+                        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in b.items()))
                 for p in entry["contract_problems"]:
                     log(f"  CONTRACT: {p.splitlines()[0]}")
             res = {"case": name, "runs": runs}
             if len(runs) >= 2:
                 res["repeat"] = compare_repeats(runs[0]["speedups"], runs[1]["speedups"])
                 for k, v in res["repeat"].items():
-                    log(f"  repeat {k}: {v.get('first')} vs {v.get('second')}"
-                        + (f" (within stated noise: {v['within_stated_noise']})" if "within_stated_noise" in v else ""))
+                    rng = " vs ".join("{:.2f}-{:.2f}".format(*r) if r else "-" for r in v["ranges"])
+                    log(f"  repeat {k}: {v['first']:.2f}x vs {v['second']:.2f}x (ranges {rng}; stable "
+                        f"{v['stable']}; within stated noise: {v['within_stated_noise']})")
             results.append(res)
     doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
            "python": platform.python_version(), "size": args.size, "repeat": args.repeat, "cases": results}

@@ -78,7 +78,8 @@ STABILITY_PCT = 10.0
 def measure_interleaved(fns: dict[str, Callable[[dict[str, np.ndarray]], object]], inputs: dict[str, np.ndarray],
                         batch_size: int, rounds: int = 3, min_seconds: float = 0.5, *, max_rounds: int = 10,
                         stability_pct: float = STABILITY_PCT, warmup_s: float | None = None,
-                        settle_s: float = 0.01) -> tuple[dict[str, dict], dict[str, BaseException]]:
+                        settle_s: float = 0.01, reference: str | None = None
+                        ) -> tuple[dict[str, dict], dict[str, BaseException]]:
     """Measure several callables on the same inputs in round-robin windows.
 
     Each round runs one window per callable (the order rotates every round), so that a drift of
@@ -87,7 +88,10 @@ def measure_interleaved(fns: dict[str, Callable[[dict[str, np.ndarray]], object]
     MIN_CALLS_PER_WINDOW calls) and starts with `settle_s` of untimed calls: the previous
     callable's thread pool may still be spinning. Rounds go on (past `rounds`, up to
     `max_rounds`) until every callable is stable by bench's rule (stats.is_stable over the last
-    STABLE_WINDOWS windows' p50 and throughput within `stability_pct`).
+    STABLE_WINDOWS windows' p50 and throughput within `stability_pct`), or, given a `reference`,
+    until every other callable's ratio to it is (`ratio_stable`): on a machine whose speed drifts
+    from second to second (a shared VM), absolute figures may never settle while the ratio of two
+    callables measured in the same rounds does, and the ratio is what a speedup claims.
 
     Returns (results, errors): per name its percentiles over every timed call, the per-window
     p50s and `stable`; a callable that raises is dropped from the remaining windows and its
@@ -133,7 +137,11 @@ def measure_interleaved(fns: dict[str, Callable[[dict[str, np.ndarray]], object]
                 attempt(name, settle_s, False)
             if name in live:
                 attempt(name, window_s, True)
-        if r + 1 >= rounds and all(stats.is_stable(*_series(windows[n]), stability_pct) for n in live):
+        if r + 1 >= rounds and all(stats.is_stable(*_series(windows[n]), stability_pct) or (
+                reference in live and n != reference
+                and ratio_stable(windows[reference], windows[n], stability_pct)) or (
+                n == reference and all(ratio_stable(windows[n], windows[m], stability_pct)
+                                       for m in live if m != n)) for n in live):
             break
     results = {}
     for name in fns:
@@ -156,15 +164,32 @@ def _series(windows: list[dict]) -> tuple[list[float], list[float]]:
     return [w["p50_ms"] for w in windows], [w["throughput"] for w in windows]
 
 
-def interleaved_speedup(reference: dict, variant: dict) -> dict:
+def _paired_ratios(ref_p50s: list[float], var_p50s: list[float]) -> list[float]:
+    return [a / b for a, b in zip(ref_p50s, var_p50s) if b > 0]
+
+
+def ratio_stable(ref_windows: list[dict], var_windows: list[dict], stability_pct: float = STABILITY_PCT) -> bool:
+    """Bench's stability rule applied to the ratio of two callables, round by round: the last
+    STABLE_WINDOWS paired ratios of their window p50s within `stability_pct`."""
+    from . import stats
+
+    ratios = _paired_ratios([w["p50_ms"] for w in ref_windows], [w["p50_ms"] for w in var_windows])
+    return stats.is_stable(ratios, None, stability_pct)
+
+
+def interleaved_speedup(reference: dict, variant: dict, stability_pct: float = STABILITY_PCT) -> dict:
     """reference / variant from two callables measured in the same rounds: the ratio of their
     median window p50s, its range over the rounds (window by window), and whether it may be
-    claimed (both sides stable by bench's rule)."""
+    claimed: both sides stable by bench's rule, or their round-by-round ratio stable by it."""
+    from . import stats
+
     ref, var = reference["window_p50_ms"], variant["window_p50_ms"]
-    ratio = float(np.median(ref) / np.median(var))
-    paired = [a / b for a, b in zip(ref, var) if b > 0]
+    paired = _paired_ratios(ref, var)
+    # The median of the round-by-round ratios: a drift of the machine between rounds cancels.
+    ratio = float(np.median(paired)) if paired else float(np.median(ref) / np.median(var))
+    stable = bool(reference["stable"] and variant["stable"]) or stats.is_stable(paired, None, stability_pct)
     return {"ratio": ratio, "range": [min(paired, default=ratio), max(paired, default=ratio)],
-            "stable": bool(reference["stable"] and variant["stable"])}
+            "stable": bool(stable)}
 
 
 # ---------------------------------------------------------------------------------------------
