@@ -539,6 +539,7 @@ def test_when_no_variant_is_faster_the_source_is_written_as_is(tmp_path, npz):
                       min_speedup=1000.0, when_slower="nothing"))
     assert nothing["written"] is None and "--when-slower nothing" in nothing["not_written_because"]
     assert Repository(tmp_path / "repo").version_numbers("mlp") == [1]
+    assert nothing["exit_code"] == 0  # done as asked: nothing that is not faster was written
 
 
 def test_an_eager_source_that_nothing_beats_is_written_through_its_fp32_export(tmp_path, npz):

@@ -187,7 +187,7 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     report: dict[str, Any] = {
         "serve_kit": __version__, "recipe": job.recipe, "model": model_name,
         "repository": str(job.repository), "tools": tool_versions(), "select": job.select,
-        "keep_going": job.keep_going, "strict": job.strict, "started_unix": started, "variants": [], "written": None,
+        "keep_going": job.keep_going, "strict": job.strict, "when_slower": job.when_slower, "started_unix": started, "variants": [], "written": None,
         "run_report_path": str(Repository(job.repository).run_report_path(model_name)),
     }
     # The report is written whatever happens (a bug, Ctrl-C, a bad input found halfway): a run
@@ -471,8 +471,9 @@ def outcome(report: dict[str, Any], strict: bool = False) -> int:
     """The exit code of a run (contract 5; README "Exit codes"):
 
     1 if any row is `bug`; else 0 if a version was written; else 3 if any row missed its gate;
-    else 1 (errors, or no target applied). With `--select none` (validate only) nothing is meant
-    to be written: 0 unless a row failed, erred or (under --strict) did not apply.
+    else 1 (errors, or no target applied). With `--select none` (validate only), or
+    `--when-slower nothing` when no variant was faster, nothing is meant to be written: 0 unless a
+    row failed, erred or (under --strict) did not apply.
     """
     from ..errors import EXIT_ERROR, EXIT_GATE, EXIT_OK
 
@@ -485,6 +486,9 @@ def outcome(report: dict[str, Any], strict: bool = False) -> int:
         return EXIT_GATE
     if report.get("select") == "none" and not blocking_rows(report, strict) and rows:
         return EXIT_OK
+    if (report.get("slower") and report.get("when_slower") == "nothing" and not blocking_rows(report, strict)
+            and not report.get("not_written_because", "").startswith(("no variant passed",))):
+        return EXIT_OK  # asked to write nothing that is not faster: done as asked
     return EXIT_ERROR
 
 
