@@ -8,7 +8,7 @@ import pytest
 
 from serve_kit.config import TensorSpec
 from serve_kit.errors import DataError
-from serve_kit.optimize.calibration import (SYNTHETIC_VARIABLE_DIM, Dataset, ReaderAdapter, load_arrays, split,
+from serve_kit.optimize.calibration import (SYNTHETIC_VARIABLE_DIM, Dataset, load_arrays, split,
                                             synthetic, to_dataset)
 
 IMAGE = [TensorSpec.parse("input:FP32:-1x1x8x8")]
@@ -17,6 +17,13 @@ TWO = [TensorSpec.parse("ids:INT64:-1x-1"), TensorSpec.parse("mask:INT64:-1x-1")
 
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 1, 8, 8)).astype(np.float32)
+
+
+def reader(ds: Dataset, specs, batch_size: int, names=None):
+    """The quantizers' calibration reader over a Dataset's arrays (labels are not among specs)."""
+    from serve_kit.optimize.quantize.feeds import FeedReader
+
+    return FeedReader(ds.inputs, specs, batch_size, names=names)
 
 
 def ds_of(n: int, labels: bool = True) -> Dataset:
@@ -398,7 +405,7 @@ def test_sha256_covers_shape_and_dtype():
 
 def test_reader_adapter_batches_then_none_and_rewinds():
     ds = ds_of(10)
-    r = ReaderAdapter(ds, batch_size=4)
+    r = reader(ds, IMAGE, 4)
     assert len(r) == 3
     batches = []
     while (b := r.get_next()) is not None:
@@ -414,9 +421,9 @@ def test_reader_adapter_batches_then_none_and_rewinds():
 
 def test_reader_adapter_filters_input_names():
     ds = to_dataset({"ids": np.zeros((3, 2), np.int64), "mask": np.ones((3, 2), np.int64)}, TWO, "labels", "o")
-    r = ReaderAdapter(ds, batch_size=2, input_names=["mask"])
+    r = reader(ds, TWO, 2, names=["mask"])
     assert list(r.get_next()) == ["mask"]
-    assert len(ReaderAdapter(ds, batch_size=16)) == 1
+    assert len(reader(ds, TWO, 16)) == 1
 
 
 def test_tiled_repeats_real_samples():
@@ -428,7 +435,7 @@ def test_tiled_repeats_real_samples():
 
 
 def test_reader_adapter_iterates_from_the_start():
-    r = ReaderAdapter(ds_of(5), batch_size=2)
+    r = reader(ds_of(5), IMAGE, 2)
     r.get_next()  # a partly consumed reader
     assert [len(b["input"]) for b in r] == [2, 2, 1]
     assert [len(b["input"]) for b in r] == [2, 2, 1]
@@ -513,7 +520,7 @@ def test_samples_are_counted_along_each_inputs_axis_and_scalars_fed_whole():
 def test_split_and_reader_keep_axes():
     parts = split(to_dataset(vad_arrays(20), VAD, "labels", "vad"), 8, 100)
     assert len(parts.calibration) == 8 and len(parts.evaluation) == 12
-    batches = list(ReaderAdapter(parts.calibration, batch_size=3))
+    batches = list(reader(parts.calibration, VAD, 3))
     assert [b["state"].shape[1] for b in batches] == [3, 3, 2]
     assert all(b["sr"].shape == () for b in batches)
 

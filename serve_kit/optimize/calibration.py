@@ -362,36 +362,3 @@ def from_function(ref: str, specs: list[TensorSpec], label_key: str, optional: f
                         value=ref, origin="recipe data.function")
     return DataSplit(to_dataset(data["calibration"], specs, label_key, f"{ref} [calibration]", optional, ignore),
                      to_dataset(data["evaluation"], specs, label_key, f"{ref} [evaluation]", optional, ignore))
-
-
-class ReaderAdapter:
-    """ONNX Runtime's CalibrationDataReader protocol over a Dataset, in small batches."""
-
-    def __init__(self, ds: Dataset, batch_size: int = 16, input_names: list[str] | None = None,
-                 equal_batches: bool = False):
-        self.ds, self.batch_size, self.names = ds, min(batch_size, len(ds)), input_names
-        # ORT's entropy/percentile calibrators stack per-batch histograms and fail on a short last
-        # batch ("inhomogeneous shape"); they get equal batches and the remainder is dropped.
-        self.limit = len(ds) - len(ds) % self.batch_size if equal_batches else len(ds)
-        self.rewind()
-
-    def rewind(self) -> None:
-        self._pos = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._pos >= self.limit:
-            return None
-        batch = self.ds.slice(self._pos, min(self._pos + self.batch_size, self.limit))
-        self._pos += self.batch_size
-        if self.names is not None:
-            batch = {k: v for k, v in batch.items() if k in self.names}
-        return batch
-
-    def __iter__(self):
-        # qdq_loss_debug.collect_activations iterates instead of calling get_next
-        self.rewind()
-        while (batch := self.get_next()) is not None:
-            yield batch
-
-    def __len__(self) -> int:
-        return -(-self.limit // self.batch_size)
