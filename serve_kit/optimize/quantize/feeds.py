@@ -50,18 +50,7 @@ def sample_count(inputs: dict[str, np.ndarray], specs) -> int:
 
 def take(inputs: dict[str, np.ndarray], specs, index: np.ndarray) -> dict[str, np.ndarray]:
     """The feed of the samples `index` (ascending), each input sliced along its batch axis."""
-    index = np.asarray(index)
-    out = {}
-    for s in specs:
-        arr = inputs.get(s.name)
-        if arr is None:
-            continue
-        axis = _axis(s)
-        if axis is None:
-            out[s.name] = _contiguous(arr[index[0]] if arr.ndim == _rank(s) + 1 else arr)
-        else:
-            out[s.name] = _contiguous(np.take(arr, index, axis=axis))
-    return out
+    return _select(inputs, specs, index, feed=True)
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -72,6 +61,12 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 def subset(inputs: dict[str, np.ndarray], specs, index: np.ndarray) -> dict[str, np.ndarray]:
     """Arrays of the samples `index`, in the data's own layout (per-sample values kept per sample)."""
+    return _select(inputs, specs, index, feed=False)
+
+
+def _select(inputs: dict[str, np.ndarray], specs, index: np.ndarray, feed: bool) -> dict[str, np.ndarray]:
+    """The samples `index` of every input along its batch axis. An input without one keeps its
+    per-sample values (rank + 1) as they are, or, as a `feed` for one call, the first sample's."""
     index = np.asarray(index)
     out = {}
     for s in specs:
@@ -79,10 +74,12 @@ def subset(inputs: dict[str, np.ndarray], specs, index: np.ndarray) -> dict[str,
         if arr is None:
             continue
         axis = _axis(s)
+        per_sample = arr.ndim == _rank(s) + 1
         if axis is None:
-            out[s.name] = arr[index] if arr.ndim == _rank(s) + 1 else arr
+            picked = (arr[index[0]] if feed else arr[index]) if per_sample else arr
         else:
-            out[s.name] = np.take(arr, index, axis=axis)
+            picked = np.take(arr, index, axis=axis)
+        out[s.name] = _contiguous(picked) if feed else picked
     return out
 
 
