@@ -94,7 +94,7 @@ def optimize(
     A variant that misses its gate is never written. A missed gate or an error blocks writing unless --keep-going; targets that do not apply never do, except with --strict.
 
     Exit codes:
-    0 a version was written (with --select none: every variant validated);
+    0 a version was written (with --select none, or --when-slower nothing when no variant was faster: nothing failed);
     1 a serve-kit bug in any row, or nothing written because of errors or no target applied;
     2 usage error (before any work);
     3 nothing written and a variant missed its gate.
