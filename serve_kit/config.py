@@ -524,9 +524,9 @@ class TargetSpec(_Strict):
 class LatencySpec(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
     """Batch sizes at which each variant's latency is measured for selection."""
-    min_seconds: float = Field(default=1.5, gt=0)
+    min_seconds: float = Field(default=0.5, gt=0)
     """Measure each batch size for at least this long (after warm-up), in 3 or more rounds of one
-    window per variant: the default gives bench's 0.5 s windows."""
+    window per variant (`--latency-seconds`): 1.5 gives bench's 0.5 s windows and steadier ratios."""
 
     @field_validator("batch_sizes")
     @classmethod

@@ -64,6 +64,9 @@ def optimize(
                                                                 "others miss their gate or fail (exit 0 unless a "
                                                                 "row is a serve-kit bug)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Latency batch sizes, e.g. 1,32."),
+    latency_seconds: Optional[float] = typer.Option(None, "--latency-seconds", help="Seconds of latency measurement "
+                                                    "per batch size, in 3+ interleaved rounds (default 0.5; 1.5 "
+                                                    "gives bench's 0.5 s windows, steadier ratios)."),
     # -- model shapes (optimize/signature.py) --
     constants: list[str] = typer.Option([], "--constant", help="Bake an input or forward() argument into the model: "
                                                                "NAME=VALUE (a number, bool, string or JSON list), e.g. "
@@ -104,7 +107,7 @@ def optimize(
     job = _build_job(model, recipe, repository, model_name, weights, inputs, outputs, targets, calibration_data,
                      eval_data, label_key, metric, allow_synthetic, gate, select, keep_going, batch_sizes, report)
     _shapes_options(job, constants, state)
-    _pipeline_options(job, strict, force, max_memory, min_speedup, when_slower)
+    _pipeline_options(job, strict, force, max_memory, min_speedup, when_slower, latency_seconds)
     result = run_with_progress(run, job)
     show(result, render)
     for v in result["variants"]:
@@ -118,8 +121,15 @@ def optimize(
 
 
 def _pipeline_options(job, strict: bool, force: bool, max_memory: str | None, min_speedup: float,
-                      when_slower: str) -> None:
+                      when_slower: str, latency_seconds: float | None = None) -> None:
+    from ..config import LatencySpec
     from ..optimize.pipeline import parse_size
+
+    if latency_seconds is not None:
+        if not latency_seconds > 0:
+            raise UsageError("--latency-seconds must be positive, e.g. 1.5", value=latency_seconds,
+                             origin="--latency-seconds")
+        job.latency = LatencySpec(batch_sizes=job.latency.batch_sizes, min_seconds=latency_seconds)
 
     if when_slower not in ("source", "nothing"):
         raise UsageError("--when-slower is `source` or `nothing`", value=when_slower, origin="--when-slower")

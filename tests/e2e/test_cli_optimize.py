@@ -229,16 +229,18 @@ def test_exit_codes_and_flags_of_mixed_outcomes(files, cli_env, tmp_path):
     r = sk("optimize", *base, "-t", "onnx-int8-dynamic", "--gate", "int8.min_cosine=1.0", env=cli_env)
     assert r.returncode == 3 and "missed their accuracy gate" in _err(r)
     # written (the source itself when nothing beats it): 0, and the table says what it measured
-    r = sk("optimize", *base, "-t", "onnx", "-t", "torchscript", "--min-speedup", "1000", env=cli_env)
+    r = sk("optimize", *base, "-t", "onnx", "-t", "torchscript", "--min-speedup", "1000", "--latency-seconds", "0.2",
+           env=cli_env)
     assert r.returncode == 0, r.stderr
     assert "is stably faster than the source" in " ".join(r.stdout.split())
     assert json.loads((repo / "mlp" / "1" / "manifest.json").read_text())["variant"] == "source"
+    assert json.loads((repo / "mlp" / "1" / "optimize-report.json").read_text())["latency_settings"]["min_seconds"] == 0.2
     assert len(list((repo / "mlp" / ".runs").iterdir())) == 3
     # another model under the same name: refused before any work, 2
     r = sk("optimize", "sk_models:mlp", "--calibration-data", str(files / "good.npz"), "-r", str(repo),
            "--name", "mlp", "-t", "onnx", env=cli_env)
     assert r.returncode == 2 and "another model" in _err(r) and "--force" in r.stderr
     for bad, needle in ((["--max-memory", "lots"], "not a memory size"), (["--when-slower", "never"], "source"),
-                        (["--min-speedup", "0"], "positive")):
+                        (["--min-speedup", "0"], "positive"), (["--latency-seconds", "-1"], "positive")):
         r = sk("optimize", *base, "-t", "onnx", *bad, env=cli_env)
         assert r.returncode == 2 and needle in _err(r), (bad, r.stderr)
