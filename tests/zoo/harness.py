@@ -1,7 +1,7 @@
 """Runs a zoo case as a user does, and checks what a user relies on.
 
 `optimize()` runs `serve-kit --json optimize ...` in a subprocess and measures its peak RSS
-(os.wait4: that process and the children it waited for). `contract_problems()` lists every way the
+(VmHWM of that process, polled: see _HighWater). `contract_problems()` lists every way the
 run breaks the contracts of issue 12 (common brief 4-6): a requested target without a row, a status
 outside the six, a row without its cause, a traceback, a report not where it must be, the wrong
 exit code. `served_check()` serves the written version with `serve-kit serve` on 127.0.0.1 (real
@@ -78,6 +78,34 @@ class Run:
         }
 
 
+class _HighWater:
+    """The child's peak RSS from /proc/PID/status VmHWM, read every 50 ms while it runs.
+
+    Not wait4's ru_maxrss: a child forked from a large process (pytest, late in the suite, holds
+    gigabytes) starts with the parent's RSS, and Linux keeps that maximum across exec; VmHWM
+    belongs to the exec'd image alone and only grows, so the last reading misses at most the
+    final 50 ms."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_mb, self._done = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024.0)
+            except (OSError, ValueError):
+                pass
+            self._done.wait(0.05)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def optimize(case: Case, workdir: Path, size: str = "ci", extra: tuple[str, ...] = (),
              targets: tuple[str, ...] | None = None) -> Run:
     cal, ev = case.data(size)
@@ -97,14 +125,16 @@ def optimize(case: Case, workdir: Path, size: str = "ci", extra: tuple[str, ...]
         p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env(), cwd=workdir, start_new_session=True)
         killer = threading.Timer(case.timeout_s, lambda: os.killpg(p.pid, signal.SIGKILL))
         killer.start()
+        hwm = _HighWater(p.pid)
         try:
             _, status, usage = os.wait4(p.pid, 0)
         finally:
             killer.cancel()
+            hwm.stop()
         p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     seconds = time.perf_counter() - t0
     run = Run(case, cmd, repo, p.returncode, out_path.read_text(), err_path.read_text(), seconds,
-              usage.ru_maxrss / 1024.0)
+              hwm.peak_mb or usage.ru_maxrss / 1024.0)
     try:
         run.report = json.loads(run.stdout)
     except ValueError as e:
