@@ -48,23 +48,14 @@ def _env() -> dict[str, str]:
 
 def latest_files(repo: Path, models: list[str]) -> dict[str, Path]:
     """{'fp32': file, 'int8': file}: the latest version of each kind among the named models."""
-    from serve_kit.repository import Repository
+    from minilm_int8 import from_repository  # benchmarks/, on sys.path when run as a script
 
     found: dict[str, Path] = {}
-    r = Repository(repo)
     for model in models:
         try:
-            versions = r.versions(model)
+            found.update(from_repository(repo, model, int8_variant="onnx-int8-dynamic"))
         except Exception:  # a model name that is not in the repository
             continue
-        for info in versions:
-            m = info.manifest or {}
-            if m.get("backend") != "onnxruntime" or not info.model_file:
-                continue
-            if m.get("variant") == "onnx":
-                found["fp32"] = info.model_file
-            elif m.get("variant") == "onnx-int8-dynamic":
-                found["int8"] = info.model_file
     return found
 
 

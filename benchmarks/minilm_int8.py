@@ -53,8 +53,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def from_repository(root: Path, model: str) -> dict[str, Path]:
-    """{'fp32': path, 'int8': path} for the latest version of each kind found in the repository."""
+def from_repository(root: Path, model: str, int8_variant: str | None = None) -> dict[str, Path]:
+    """{'fp32': path, 'int8': path} for the latest version of each kind found in the repository;
+    int8 is any INT8 precision, or only the variant `int8_variant` when given."""
     from serve_kit.repository import Repository
 
     found: dict[str, Path] = {}
@@ -64,7 +65,7 @@ def from_repository(root: Path, model: str) -> dict[str, Path]:
             continue
         if m.get("variant") == "onnx":
             found["fp32"] = info.model_file
-        elif m.get("precision") == "int8":
+        elif m.get("variant") == int8_variant if int8_variant else m.get("precision") == "int8":
             found["int8"] = info.model_file
     return found
 
