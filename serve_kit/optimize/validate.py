@@ -212,9 +212,15 @@ def _measure(r: np.ndarray, g: np.ndarray, kind: str, threshold: float) -> dict[
         sample_max[s] = np.max(d, axis=1)
         sample_l2[s] = np.sum(d * d, axis=1)
         if cos is not None:
-            na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-            both_zero = (na == 0) & (nb == 0)
-            cos[s] = np.where(both_zero, 1.0, np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-30))
+            # Cosine is scale-free: each row is divided by its largest magnitude first, so that
+            # tiny (1e-149) or huge (1e200) outputs neither underflow nor overflow the products.
+            # A row that matches exactly is 1 whatever its scale; a zero row against a nonzero one 0.
+            scale = np.maximum(np.max(np.abs(a), axis=1), np.max(np.abs(b), axis=1))[:, None]
+            scale = np.where(scale > 0, scale, 1.0)
+            an, bn = a / scale, b / scale
+            na, nb = np.linalg.norm(an, axis=1), np.linalg.norm(bn, axis=1)
+            exact = np.max(d, axis=1) == 0
+            cos[s] = np.where(exact, 1.0, np.sum(an * bn, axis=1) / np.maximum(na * nb, np.finfo(np.float64).tiny))
         if cols is not None:
             cols[0] += np.sum(a * b, axis=0)
             cols[1] += np.sum(a * a, axis=0)
