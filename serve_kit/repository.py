@@ -326,6 +326,23 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EROFS: "the file system is read-only"}
+"""errno -> what the user is told: the write failures that are the machine's state, not a bug."""
+
+
+def disk_error(e: BaseException, path: object = None) -> RepositoryError | None:
+    """A one-line RepositoryError for a full disk, exceeded quota or read-only file system (the
+    path and a hint), None for any other exception."""
+    if not isinstance(e, OSError) or e.errno not in DISK_ERRORS:
+        return None
+    where = e.filename or path
+    return RepositoryError(f"cannot write {where or 'the repository'}: {DISK_ERRORS[e.errno]} "
+                           f"({errno.errorcode[e.errno]})",
+                           hint="free space (or make the folder writable) and run again; nothing half-written "
+                                "was kept as a version")
+
+
 def dump_config(config: ModelConfig) -> str:
     data = config.model_dump(mode="json")
     return ("# serve-kit model configuration; see the README's reference of config.yaml.\n"
@@ -689,9 +706,22 @@ class Repository:
     def new_version(self, model: str) -> Iterator[Staging]:
         """Stage a new version; it becomes visible only through `Staging.commit`. On any
         exception, Ctrl-C included, the staging directory is removed."""
-        stage = Staging(self, model)
+        try:
+            stage = Staging(self, model)
+        except OSError as e:
+            err = disk_error(e, self.root / model)
+            if err is None:
+                raise
+            raise err from None
         try:
             yield stage
+        except OSError as e:
+            # A full disk while staging (or committing): the staging folder goes (finally), and
+            # the user reads one line naming the path instead of a traceback.
+            err = disk_error(e, stage.dir)
+            if err is None:
+                raise
+            raise err from None
         finally:
             stage.discard()
 

@@ -30,7 +30,8 @@ from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, ModelCon
                       TargetSpec, TensorSpec, parse_model)
 from ..errors import DataError, ServeKitError, TargetNotApplicable, TargetUnavailable, UsageError
 from ..progress import ProgressSink
-from ..repository import REPORT, SAMPLES, Repository, atomic_write_text, load_model_config, write_samples
+from ..repository import (REPORT, SAMPLES, Repository, atomic_write_text, disk_error, load_model_config,
+                          write_samples)
 from ..runtime.backends import load_backend
 from . import calibration as cal
 from . import signature
@@ -193,7 +194,15 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     # The report is written whatever happens (a bug, Ctrl-C, a bad input found halfway): a run
     # that cost minutes must leave its record (contract 6).
     try:
-        _run(job, progress, target_specs, targets, model_name, report)
+        try:
+            _run(job, progress, target_specs, targets, model_name, report)
+        except OSError as e:
+            # A full disk (or quota, or read-only folder) anywhere in the run: one line naming the
+            # path, not a traceback; a version being staged was already removed (new_version).
+            err = disk_error(e)
+            if err is None:
+                raise
+            raise err from None
     except BaseException as e:
         report["aborted"] = _aborted(e)
         raise
