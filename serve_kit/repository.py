@@ -117,8 +117,10 @@ def _within(path: Path, base: Path) -> bool:
 def _resolve(path: Path) -> Path:
     try:
         return path.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
-        raise RepositoryError(f"cannot resolve the path: {getattr(e, 'strerror', None) or e}") from None
+    except RuntimeError:  # Python < 3.13: a symlink loop (its message names the path: not shown)
+        raise RepositoryError("cannot resolve the path: a symlink loop") from None
+    except OSError as e:  # a loop (3.13+), a name too long
+        raise RepositoryError(f"cannot resolve the path: {e.strerror or type(e).__name__}") from None
 
 
 def check_relative(rel: object, what: str = "path") -> str:
