@@ -679,8 +679,8 @@ def test_package_refuses_a_manifest_that_reaches_into_the_build_context(tmp_path
     root = tmp_path / "repo"
     write_version(Repository(root))
     wheel = b"PK fake wheel"
-    (root / "wheels").mkdir()
-    (root / "wheels" / "serve_kit-0-py3-none-any.whl").write_bytes(wheel)
+    (tmp_path / "wheels").mkdir()  # where relu/1/../../../ points, with the hash listed: verified on main
+    (tmp_path / "wheels" / "serve_kit-0-py3-none-any.whl").write_bytes(wheel)
     edit_manifest(root / "relu" / "1", lambda m: list_file(m, "../../../wheels/serve_kit-0-py3-none-any.whl", wheel))
     with pytest.raises(RepositoryError, match="leaves its folder"):
         ctx.select_versions(root, None)
