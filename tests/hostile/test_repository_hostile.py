@@ -252,6 +252,20 @@ def test_hostile_version_fails_inspect_server_and_package_alike(hostile_repo, cl
         select_versions(root, None)
 
 
+@pytest.mark.parametrize("fields", [
+    {"validation": "not an object", "calibration": [1], "variant": "[/red] [bold", "created": {"x": 1}},
+    {"validation": {"errors": [1, 2], "metric": "high"}, "backend": ["onnxruntime"]},
+    {"validation": {"errors": {"y": "no"}}, "model_file": "model.onnx", "variant": "x" * 10_000},
+])
+def test_inspect_shows_hostile_manifest_fields_without_a_traceback(tmp_path, cli_env, fields):
+    root = tmp_path / "repo"
+    write_version(Repository(root))
+    edit_manifest(root / "relu" / "1", lambda m: m.update(fields))
+    for args in (["inspect", str(root)], ["--json", "inspect", str(root)]):
+        run = cli(args, cli_env)
+        assert run.returncode in (0, 1) and "Traceback" not in run.stderr, run.stderr
+
+
 def test_model_folder_linked_from_outside_is_refused(tmp_path):
     outside = Repository(tmp_path / "outside")
     write_version(outside)
