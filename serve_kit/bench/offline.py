@@ -495,13 +495,18 @@ def _batch_sizes(job: OfflineJob, config) -> list[int]:
     return sorted({min(b, config.max_batch_size) for b in DEFAULT_BATCH_SIZES})
 
 
-def _samples(config, repo, info, synthetic: bool, what: str) -> tuple[dict[str, np.ndarray], bool]:
+def _samples(config, version_dir: Path, synthetic: bool, what: str) -> tuple[dict[str, np.ndarray], bool]:
     """Batch-first real inputs from the version's samples.npz (a non-batching model's samples get
     a leading sample dimension), or random ones when asked for. Read like the server reads them
     (checked path, bounded, never unpickled)."""
     from ..config import TensorSpec
     from ..errors import DataError
     from ..optimize import calibration as cal
+    from ..repository import Repository
+
+    version_dir = Path(version_dir)
+    repo = Repository(version_dir.parent.parent)
+    info = repo.version(version_dir.parent.name, int(version_dir.name))
 
     batching = config.max_batch_size > 0
     specs = list(config.inputs) if batching else [TensorSpec(name=t.name, datatype=t.datatype, shape=[-1, *t.shape])
@@ -562,7 +567,7 @@ def _measure_version(spec: dict, emit: Callable[[dict], None]) -> dict:
     config = repo.config(spec["model"])
     info = repo.version(spec["model"], spec["version"])
     backend_name = (info.manifest or {}).get("backend") or config.backend
-    samples, synthetic = _samples(config, repo, info, spec["synthetic"], f"{config.name}/{info.version}")
+    samples, synthetic = _samples(config, info.path, spec["synthetic"], f"{config.name}/{info.version}")
     batching = config.max_batch_size > 0
     opts = backend_options(config, available_cores())
     flops = None
