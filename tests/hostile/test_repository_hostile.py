@@ -718,3 +718,17 @@ def test_package_refuses_manifest_json_listed_as_a_file(tmp_path):
     sel = ctx.Selection(Repository(root), {"relu": make_config()}, [info])
     with pytest.raises(RepositoryError, match="manifest.json"):
         ctx.copy_models(sel, tmp_path / "ctx" / "models")
+
+
+@pytest.mark.parametrize("name", ["../evil", "/tmp/evil", "a/b", ".hidden"])
+def test_optimize_refuses_a_model_name_that_is_a_path_before_any_work(tmp_path, name):
+    from serve_kit.config import DataSpec, SourceSpec
+    from serve_kit.optimize.pipeline import OptimizeJob, run
+
+    src = tmp_path / "relu.onnx"
+    src.write_bytes(relu_onnx())
+    job = OptimizeJob(source=SourceSpec(path=str(src)), repository=tmp_path / "repo", model_name=name,
+                      data=DataSpec(calibration=str(tmp_path / "absent.npz")))
+    with pytest.raises(RepositoryError, match="not a model name"):
+        run(job)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["relu.onnx"]
