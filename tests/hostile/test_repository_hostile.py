@@ -732,3 +732,26 @@ def test_optimize_refuses_a_model_name_that_is_a_path_before_any_work(tmp_path, 
     with pytest.raises(RepositoryError, match="not a model name"):
         run(job)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["relu.onnx"]
+
+
+@pytest.mark.parametrize("which", [CONFIG, f"1/{MANIFEST}", f"1/{SAMPLES}"])
+def test_a_fifo_in_place_of_metadata_is_refused_not_waited_on(tmp_path, which):
+    """A read of a fifo blocks until someone writes to it: the server must refuse it at once."""
+    import threading
+
+    root = tmp_path / "repo"
+    write_version(Repository(root), extra={SAMPLES: b"x"} if which.endswith(SAMPLES) else None)
+    target = root / "relu" / which
+    target.unlink()
+    os.mkfifo(target)
+    box = []
+    t = threading.Thread(target=lambda: box.append(manager_index(root)), daemon=True)
+    t.start()
+    t.join(120)
+    if t.is_alive():  # unblock the reader so the test process can end
+        with open(target, "wb"):
+            pass
+        t.join(30)
+        pytest.fail(f"loading blocked on a fifo {which}")
+    index, ready = box[0]
+    assert not ready and "fifo" in json.dumps(index), index
