@@ -433,8 +433,8 @@ class Staging:
 
     def __init__(self, repo: "Repository", model: str):
         self.repo = repo
-        self.model = check_model_name(model, "model")
-        self.model_dir = repo.root / model
+        self.model = model
+        self.model_dir = repo.model_dir(model)  # a model name, not leaving the repository
         self.version: int | None = None
         self._fd: int | None = None
         self.model_dir.mkdir(parents=True, exist_ok=True)

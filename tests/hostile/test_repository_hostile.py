@@ -755,3 +755,25 @@ def test_a_fifo_in_place_of_metadata_is_refused_not_waited_on(tmp_path, which):
         pytest.fail(f"loading blocked on a fifo {which}")
     index, ready = box[0]
     assert not ready and "fifo" in json.dumps(index), index
+
+
+_DTYPES = st.sampled_from(["<f4", ">f8", "<i8", "u1", "?", "<f2", "S5", "<U3", "<c8"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=st.lists(st.integers(0, 5), min_size=0, max_size=3), dtype=_DTYPES, fortran=st.booleans(),
+       rows=st.one_of(st.none(), st.integers(0, 7)), compressed=st.booleans())
+def test_read_samples_reads_what_numpy_wrote(tmp_path_factory, shape, dtype, fortran, rows, compressed):
+    """The header-first reader gives numpy's own arrays (and only the first `rows` rows)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 100, size=shape).astype(dtype)
+    if fortran:
+        a = np.asfortranarray(a)
+    path = tmp_path_factory.mktemp("npz") / "s.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **{"input.x": a, "reference.y": a[::-1] if a.ndim else a})
+    got, ref = read_samples(path, rows)
+    stored_fortran = a.flags.f_contiguous and not a.flags.c_contiguous  # as numpy writes the header
+    want = a if rows is None or a.ndim == 0 or stored_fortran else a[:rows]
+    assert got["x"].dtype == a.dtype and got["x"].shape == want.shape
+    np.testing.assert_array_equal(got["x"], want)
+    np.testing.assert_array_equal(read_samples(path)[1]["y"], np.load(path)["reference.y"])
