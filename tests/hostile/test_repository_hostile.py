@@ -777,3 +777,38 @@ def test_read_samples_reads_what_numpy_wrote(tmp_path_factory, shape, dtype, for
     assert got["x"].dtype == a.dtype and got["x"].shape == want.shape
     np.testing.assert_array_equal(got["x"], want)
     np.testing.assert_array_equal(read_samples(path)[1]["y"], np.load(path)["reference.y"])
+
+
+def test_http_load_of_a_path_is_400_and_the_index_shows_no_server_paths(tmp_path):
+    import http.client
+
+    from runtime.rt_server import InProcessServer  # noqa: E402
+
+    root = tmp_path / "repo"
+    write_version(Repository(root))
+    (root / "broken").mkdir()
+    (root / "broken" / CONFIG).write_text("name: broken\nbackend: nope\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / CONFIG).write_text("name: outside\nbackend: nope\n")
+    srv = InProcessServer(root, management_token="t0ken").start()
+    try:
+        def post(path: str) -> tuple[int, str]:
+            c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+            c.request("POST", path, body=b"{}", headers={"Authorization": "Bearer t0ken",
+                                                         "Content-Type": "application/json"})
+            r = c.getresponse()
+            out = r.status, r.read().decode()
+            c.close()
+            return out
+
+        for name in ("..", "..%2Foutside", "%2e%2e", ".staging-x", "-x"):
+            status, body = post(f"/v2/repository/models/{name}/load")
+            assert status in (400, 404), (name, status, body)
+            assert str(tmp_path) not in body
+        status, body = post("/v2/repository/index")
+        assert status == 200
+        index = json.loads(body)
+        assert {e["name"] for e in index} == {"relu", "broken"}, index
+        assert str(tmp_path) not in body and "broken/config.yaml" in body
+    finally:
+        srv.stop()
