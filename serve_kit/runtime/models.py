@@ -170,7 +170,22 @@ def _warmup_inputs(config: ModelConfig, repository: Repository, info) -> list[di
     sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching \
         else [1][:len(config.warmup.batch_sizes)]  # `batch_sizes: []` turns warm-up off
     runs = []
+    limit = repository.limits.max_samples_bytes
     for b in sizes:
+        # config.yaml is repository input: a warm-up batch of 10^9 rows must be a refused load,
+        # not an allocation (the same bound as the samples read for it).
+        need = 0
+        for t in config.inputs:
+            if samples is not None:
+                a = samples[t.name]
+                elems = (a.size // max(len(a), 1)) * b if batching and a.ndim else a.size
+            else:
+                elems = math.prod(d if d != -1 else 1 for d in t.shape[1 if batching else 0:]) * (b if batching else 1)
+            need += elems * np.dtype(t.dtype).itemsize
+        if need > limit:
+            raise ModelLoadError(f"warm-up batch {b} needs {need} bytes of inputs, over the limit of {limit}",
+                                 hint="lower warmup.batch_sizes / max_batch_size in config.yaml, or raise "
+                                      "`serve-kit serve --max-samples-mb`")
         inputs = {}
         for t in config.inputs:
             if samples is not None:

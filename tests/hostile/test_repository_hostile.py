@@ -812,3 +812,18 @@ def test_http_load_of_a_path_is_400_and_the_index_shows_no_server_paths(tmp_path
         assert str(tmp_path) not in body and "broken/config.yaml" in body
     finally:
         srv.stop()
+
+
+def test_a_huge_warmup_batch_in_config_yaml_is_a_refused_load_not_an_allocation(tmp_path):
+    root = tmp_path / "repo"
+    write_version(Repository(root))
+    cfg = (root / "relu" / CONFIG).read_text()
+    cfg = cfg.replace("max_batch_size: 8", "max_batch_size: 1000000000")
+    cfg += "\n" if not cfg.endswith("\n") else ""
+    import yaml
+
+    doc = yaml.safe_load(cfg)
+    doc["warmup"] = {"batch_sizes": [1, 1_000_000_000], "source": "zeros"}
+    (root / "relu" / CONFIG).write_text(yaml.safe_dump(doc))
+    index, ready = manager_index(root)
+    assert not ready and "warm-up batch 1000000000" in index[0]["reason"], index
