@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no staging locks, stale folders are left
+    fcntl = None
 
 from .config import ModelConfig, load_model_config, parse_model
 from .errors import RepositoryError, ServeKitError
@@ -389,6 +393,8 @@ STAGING_PREFIX = ".staging-"
 
 def _lock_dir(path: Path) -> int | None:
     """An fd of `path` holding an exclusive flock, or None when another process holds it."""
+    if fcntl is None:  # pragma: no cover
+        return None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -438,6 +444,10 @@ class Staging:
         self.version: int | None = None
         self._fd: int | None = None
         self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.stale_removed: list[str] = []
+        if fcntl is None:  # pragma: no cover - not POSIX
+            self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.model_dir))
+            return
         lock = os.open(self.model_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
