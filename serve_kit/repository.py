@@ -761,6 +761,8 @@ def onnx_external_data_problems(model_path: Path, version_dir: Path, rel: str) -
     """Problems with an ONNX model's external data: every tensor stored outside the .onnx file
     must name a canonical relative file inside the model's folder (and so its version folder),
     which is ONNX Runtime's own rule; the server refuses such a model before ONNX Runtime sees it."""
+    if not _may_name_external_data(model_path):
+        return []
     try:
         import onnx
     except ImportError:  # pragma: no cover - onnx is a dependency
@@ -783,6 +785,26 @@ def onnx_external_data_problems(model_path: Path, version_dir: Path, rel: str) -
         except RepositoryError as e:
             problems.append(f"{rel}: {_problem(e)}")
     return problems
+
+
+_LOCATION_ENTRY = b"\x0a\x08location"
+"""A StringStringEntryProto whose key (field 1, 8 bytes) is "location": every external-data
+reference holds one, so a file without these bytes has none."""
+
+
+def _may_name_external_data(path: Path) -> bool:
+    """Whether the file may reference external data: a scan of its bytes (mmap, no copy), so that a
+    multi-GB model with inline weights is never parsed a second time just to find out."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return False
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return m.find(_LOCATION_ENTRY) != -1
+    except (OSError, ValueError):
+        return True  # let the parse decide
 
 
 def _onnx_tensors(model) -> Iterator[Any]:  # noqa: ANN001
