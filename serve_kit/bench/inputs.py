@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import TensorSpec
 from ..errors import DataError, InputError, UsageError
-from ..repository import SAMPLES, model_file_sha256, read_samples
+from ..repository import SAMPLES, model_file_sha256
 
 MAX_PAYLOADS = 64
 """Distinct requests built from the data; workers cycle through them."""
@@ -266,36 +266,52 @@ def _sample_specs(info: ModelInfo) -> list[TensorSpec]:
     return [TensorSpec(name=t.name, datatype=t.datatype, shape=[-1, *t.shape]) for t in info.inputs]
 
 
-def repository_samples(path: Path, model: str, version: str | None) -> tuple[Path, dict[str, str]] | None:
-    """The samples.npz of a repository (root, model folder or version folder), and the model's
-    file hashes from that version's manifest. None when `path` is no repository."""
+def repository_samples(path: Path, model: str, version: str | None
+                       ) -> tuple[dict[str, Any], str, dict[str, str]] | None:
+    """The stored sample inputs of a repository (root, model folder or version folder), where
+    they came from, and the model's file hash from that version's manifest; None when `path` is
+    no repository. Read through the repository's checks (paths, sizes, no unpickling)."""
+    from ..errors import RepositoryError
+    from ..repository import Repository
+
+    path = Path(path)
     if (path / SAMPLES).is_file() and (path / "manifest.json").is_file():
-        vdir = path
+        repo, name, v = Repository(path.parent.parent), path.parent.name, path.name
     else:
-        mdir = path / model if (path / model / "config.yaml").is_file() else path
-        if not (mdir / "config.yaml").is_file():
+        if (path / model / "config.yaml").is_file():
+            repo, name = Repository(path), model
+        elif (path / "config.yaml").is_file():
+            repo, name = Repository(path.parent), path.name
+        else:
             return None
-        numbers = sorted(int(p.name) for p in mdir.iterdir() if p.is_dir() and p.name.isdigit())
-        if not numbers:
-            raise DataError("the repository's model has no versions", value=str(mdir), origin="--data")
-        v = int(version) if version else numbers[-1]
-        if v not in numbers:
-            raise DataError(f"the repository has no version {v} of {mdir.name!r}", value=str(mdir), origin="--data",
-                            hint=f"versions: {', '.join(map(str, numbers))}")
-        vdir = mdir / str(v)
-    samples = vdir / SAMPLES
-    if not samples.is_file():
-        raise DataError("the repository version has no samples.npz (written by `serve-kit optimize`)",
-                        value=str(vdir), origin="--data", hint="give a .npz/.npy file with --data instead")
-    hashes: dict[str, str] = {}
+        v = version
     try:
-        manifest = json.loads((vdir / "manifest.json").read_text())
-        sha = model_file_sha256(manifest)
-        if sha:
-            hashes[f"{manifest.get('model', model)}/{manifest.get('version', vdir.name)}/{manifest['model_file']}"] = sha
-    except (OSError, ValueError, AttributeError):
-        pass
-    return samples, hashes
+        numbers = repo.version_numbers(name)
+        if not numbers:
+            raise DataError("the repository's model has no versions", value=name, origin="--data")
+        try:
+            number = int(v) if v else numbers[-1]
+        except ValueError:
+            raise DataError("the version is not a number", value=v, origin="--data") from None
+        if number not in numbers:
+            raise DataError(f"the repository has no version {number} of {name!r}", value=name, origin="--data",
+                            hint=f"versions: {', '.join(map(str, numbers))}")
+        info = repo.version(name, number)
+        if info.problems:
+            raise DataError(f"{name}/{number}: " + "; ".join(info.problems), origin="--data",
+                            hint="`serve-kit inspect` shows every problem")
+        read = repo.read_samples(info, inputs_only=True)
+    except RepositoryError as e:
+        raise DataError(e.message, value=e.value, origin=f"--data ({name}/{v or 'latest'})", hint=e.hint) from None
+    if read is None:
+        raise DataError("the repository version has no samples.npz (written by `serve-kit optimize`)",
+                        value=f"{name}/{number}", origin="--data", hint="give a .npz/.npy file with --data instead")
+    hashes: dict[str, str] = {}
+    manifest = info.manifest or {}
+    sha = model_file_sha256(manifest)
+    if sha and isinstance(manifest.get("model_file"), str):
+        hashes[f"{name}/{number}/{manifest['model_file']}"] = sha
+    return read[0], f"{name}/{number}/{SAMPLES}", hashes
 
 
 def load_data(data: Path | None, synthetic: bool, info: ModelInfo, model: str, version: str | None,
@@ -319,9 +335,7 @@ def load_data(data: Path | None, synthetic: bool, info: ModelInfo, model: str, v
     hashes: dict[str, str] = {}
     repo = repository_samples(data, model, version) if data.is_dir() else None
     if repo is not None:
-        samples, hashes = repo
-        arrays = read_samples(samples)[0]
-        origin = str(samples)
+        arrays, origin, hashes = repo
     elif data.is_dir() or data.suffix in (".npz", ".npy"):
         arrays, origin = cal.load_arrays(data, specs, "labels")
         arrays.pop("labels", None)

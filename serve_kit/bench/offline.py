@@ -497,26 +497,31 @@ def _batch_sizes(job: OfflineJob, config) -> list[int]:
 
 def _samples(config, version_dir: Path, synthetic: bool, what: str) -> tuple[dict[str, np.ndarray], bool]:
     """Batch-first real inputs from the version's samples.npz (a non-batching model's samples get
-    a leading sample dimension), or random ones when asked for."""
+    a leading sample dimension), or random ones when asked for. Read like the server reads them
+    (checked path, bounded, never unpickled)."""
     from ..config import TensorSpec
     from ..errors import DataError
     from ..optimize import calibration as cal
-    from ..repository import SAMPLES, read_samples
+    from ..repository import Repository
+
+    version_dir = Path(version_dir)
+    repo = Repository(version_dir.parent.parent)
+    info = repo.version(version_dir.parent.name, int(version_dir.name))
 
     batching = config.max_batch_size > 0
     specs = list(config.inputs) if batching else [TensorSpec(name=t.name, datatype=t.datatype, shape=[-1, *t.shape])
                                                   for t in config.inputs]
-    path = version_dir / SAMPLES
-    if path.is_file():
-        stored = read_samples(path)[0]
+    read = repo.read_samples(info, inputs_only=True)
+    if read is not None:
+        stored = read[0]
         if not batching:
             # optimize stores an unbatched model's samples as one whole request (state [2, n, 128]
             # beside input [n, 576], scalars 0-d): that request is the one sample.
             ranks = {t.name: len(t.shape) for t in config.inputs}
             stored = {k: v[None] if k in ranks and v.ndim == ranks[k] else v for k, v in stored.items()}
-        return cal.to_dataset(stored, specs, "labels", str(path)).inputs, False
+        return cal.to_dataset(stored, specs, "labels", f"{what}/samples.npz").inputs, False
     if not synthetic:
-        raise DataError(f"{what} has no samples.npz to measure with", value=str(version_dir),
+        raise DataError(f"{what} has no samples.npz to measure with", value=what,
                         hint="versions written by `serve-kit optimize` have one; or measure on random inputs "
                              "with --synthetic")
     return cal.synthetic(specs, 16).inputs, True

@@ -30,6 +30,13 @@ def serve(
                                            help="Enable the repository extension's load/unload (needs a token)."),
     management_token: Optional[str] = typer.Option(None, "--management-token", envvar="SERVE_KIT_MANAGEMENT_TOKEN",
                                                    help="Bearer token for load/unload (or $SERVE_KIT_MANAGEMENT_TOKEN)."),
+    # -- repository limits: a repository is input too (no Triton equivalent; see the README) --
+    max_metadata_mb: float = typer.Option(16.0, "--max-metadata-mb", min=0.001,
+                                          help="Largest config.yaml or manifest.json read; a larger one fails "
+                                               "that model's load (Triton reads config.pbtxt unbounded)."),
+    max_samples_mb: float = typer.Option(256.0, "--max-samples-mb", min=0.001,
+                                         help="Uncompressed MiB read from one samples.npz; warm-up inflates only "
+                                              "the rows it runs, never object arrays."),
 ) -> None:
     """Serve a model repository over the Open Inference Protocol (HTTP and gRPC) with dynamic batching.
 
@@ -73,7 +80,9 @@ def serve(
                            grpc_port=None if no_grpc else grpc_port, max_body_bytes=int(max_body_mb * 1024 * 1024),
                            exit_timeout=exit_timeout, read_timeout=read_timeout,
                            keep_alive_timeout=keep_alive_timeout,
-                           management_token=management_token if enable_management else None, on_ready=ready)
+                           management_token=management_token if enable_management else None, on_ready=ready,
+                           max_metadata_bytes=int(max_metadata_mb * 1024 * 1024),
+                           max_samples_bytes=int(max_samples_mb * 1024 * 1024))
     code = run(options)
     err.print("stopped")
     raise typer.Exit(code)

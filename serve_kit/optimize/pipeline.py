@@ -30,7 +30,8 @@ from ..config import (DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, ModelCon
                       TargetSpec, TensorSpec, parse_model)
 from ..errors import DataError, ServeKitError, TargetNotApplicable, TargetUnavailable, UsageError
 from ..progress import ProgressSink
-from ..repository import REPORT, SAMPLES, Repository, atomic_write_text, load_model_config, write_samples
+from ..repository import (REPORT, SAMPLES, Repository, atomic_write_text, check_model_name, disk_error,
+                          write_samples)
 from ..runtime.backends import load_backend
 from . import calibration as cal
 from . import signature
@@ -183,6 +184,9 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     target_specs = job.targets or [TargetSpec(name=n) for n in DEFAULT_TARGETS]
     targets = [target_class(spec.name)(spec.config) for spec in target_specs]
     model_name = job.model_name or job.repo_spec.model_name or job.recipe or "model"
+    # A folder name in the repository, never a path: checked before any work (it would otherwise
+    # fail only when the version is written, minutes later, or write outside the repository).
+    check_model_name(model_name, "--name")
     started = time.time()
     report: dict[str, Any] = {
         "serve_kit": __version__, "recipe": job.recipe, "model": model_name,
@@ -193,7 +197,15 @@ def run(job: OptimizeJob, progress: ProgressSink | None = None) -> dict[str, Any
     # The report is written whatever happens (a bug, Ctrl-C, a bad input found halfway): a run
     # that cost minutes must leave its record (contract 6).
     try:
-        _run(job, progress, target_specs, targets, model_name, report)
+        try:
+            _run(job, progress, target_specs, targets, model_name, report)
+        except OSError as e:
+            # A full disk (or quota, or read-only folder) anywhere in the run: one line naming the
+            # path, not a traceback; a version being staged was already removed (new_version).
+            err = disk_error(e)
+            if err is None:
+                raise
+            raise err from None
     except BaseException as e:
         report["aborted"] = _aborted(e)
         raise
@@ -314,7 +326,7 @@ def signature_changes(repository: Path, model_name: str, inputs: list[TensorSpec
     cfg_path = repository / model_name / "config.yaml"
     if not cfg_path.exists():
         return []
-    cfg = load_model_config(cfg_path)
+    cfg = Repository(repository).config(model_name)  # checked and bounded like every repository read
     out = []
     for what, old, new in (("input", cfg.inputs, inputs), ("output", cfg.outputs, outputs)):
         o, n = {t.name: t for t in old}, {t.name: t for t in new}
@@ -356,7 +368,7 @@ def _served_threads(job: OptimizeJob, model_name: str) -> int:
 
     cfg_path = job.repository / model_name / "config.yaml"
     if cfg_path.exists():
-        return int(backend_options(load_model_config(cfg_path), available_cores())["intra_op_threads"])
+        return int(backend_options(Repository(job.repository).config(model_name), available_cores())["intra_op_threads"])
     return default_intra_op_threads(available_cores(), job.repo_spec.instance_group.count)
 
 
@@ -617,7 +629,8 @@ def _source_row(job: OptimizeJob, report: dict[str, Any], built: dict[str, Artif
 def _served_max_batch(job: OptimizeJob, model_name: str) -> int:
     """The max_batch_size the written config.yaml will have (_write_version keeps an existing one)."""
     cfg_path = job.repository / model_name / "config.yaml"
-    limit = load_model_config(cfg_path).max_batch_size if cfg_path.exists() else job.repo_spec.max_batch_size
+    limit = Repository(job.repository).config(model_name).max_batch_size if cfg_path.exists() \
+        else job.repo_spec.max_batch_size
     return max(limit, 1)
 
 
@@ -770,7 +783,7 @@ def _write_version(job: OptimizeJob, model_name: str, rec: dict[str, Any], artif
                  instance_group=spec.instance_group)
     if cfg_path.exists():
         # Keep the serving settings someone may have tuned; the signature and backend follow the model.
-        old = load_model_config(cfg_path)
+        old = repo.config(model_name)
         fresh.update(dynamic_batching=old.dynamic_batching, instance_group=old.instance_group,
                      max_batch_size=sig.served_max_batch(old.max_batch_size), version_policy=old.version_policy,
                      warmup=old.warmup, parameters=old.parameters)

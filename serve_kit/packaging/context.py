@@ -13,6 +13,7 @@ new model version changes one small layer. The server runs as uid 10001, not roo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ from pathlib import Path
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import RepositoryError
-from ..repository import CONFIG, MANIFEST, Repository, VersionInfo, sha256_file
+from ..repository import (CONFIG, MANIFEST, Repository, VersionInfo, check_model_name, check_relative, checked_file,
+                          sha256_file)
 from .errors import PackagingError
 from .layers import VENV
 from .oci import ImageSpec, iso
@@ -115,7 +117,7 @@ def git_revision(path: Path) -> str | None:
 
 
 def labels(tag: ImageReference, selection: Selection, epoch: int, revision: str | None, base_name: str,
-           base_digest: str | None) -> dict[str, str]:
+           base_digest: str | None, copied: dict[tuple[str, int], dict[str, str]] | None = None) -> dict[str, str]:
     """OCI annotation keys plus serve-kit's own: which model versions, the sha256 of each model file
     and of each manifest (which holds the sha256 of every file)."""
     names = list(selection.configs)
@@ -138,9 +140,15 @@ def labels(tag: ImageReference, selection: Selection, epoch: int, revision: str 
         m = v.manifest or {}
         files = m.get("files", {})
         prefix = f"serve-kit.model.{v.model}.{v.version}"
-        if m.get("model_file") in files:
-            out[f"{prefix}.sha256"] = files[m["model_file"]]["sha256"]
-        out[f"{prefix}.manifest-sha256"] = sha256_file(v.path / MANIFEST)
+        got = (copied or {}).get((v.model, v.version))
+        if got is not None:  # hashed as copied into the context: what the image holds
+            if m.get("model_file") in got:
+                out[f"{prefix}.sha256"] = got[m["model_file"]]
+            out[f"{prefix}.manifest-sha256"] = got[MANIFEST]
+        else:
+            if m.get("model_file") in files:
+                out[f"{prefix}.sha256"] = files[m["model_file"]]["sha256"]
+            out[f"{prefix}.manifest-sha256"] = sha256_file(v.file(MANIFEST, MANIFEST))
         for key in ("backend", "precision"):
             if m.get(key):
                 out[f"{prefix}.{key}"] = str(m[key])
@@ -202,30 +210,93 @@ def _quote_env(value: str) -> str:
     return value if all(c.isalnum() or c in "/:._-$" for c in value) else json.dumps(value)
 
 
-def copy_models(selection: Selection, dest: Path, triton: bool = False) -> None:
-    """Copy config.yaml and each packaged version; every copied file is hashed again and compared
-    with its manifest, so the context holds exactly what was verified."""
+def copy_models(selection: Selection, dest: Path, triton: bool = False) -> dict[tuple[str, int], dict[str, str]]:
+    """Copy config.yaml and each packaged version into `dest` (the context's models/ folder) and
+    return the sha256 of every file as copied, per (model, version): what the image holds, which
+    the SBOM lists.
+
+    Repository content can only land inside its own `dest/<model>/<version>/` folder: every name
+    is checked (`checked_file`: no `..`, absolute paths or links leaving the version), every file
+    is created exclusively (two names for one destination, or a name over manifest.json, are
+    refused), and each copy is hashed and compared with its manifest."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    copied: dict[tuple[str, int], dict[str, str]] = {}
     for name, config in selection.configs.items():
-        (dest / name).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(selection.repository.root / name / CONFIG, dest / name / CONFIG)
+        src_dir = selection.repository.model_dir(name)
+        (dest / name).mkdir()
+        _copy_exclusive(checked_file(src_dir, CONFIG, CONFIG), dest / name, CONFIG)
         if triton:
             from .triton import config_pbtxt
 
-            (dest / name / "config.pbtxt").write_text(config_pbtxt(config))
+            _write_exclusive(dest / name, "config.pbtxt", config_pbtxt(config).encode())
     for v in selection.versions:
-        target = dest / v.model / str(v.version)
-        target.mkdir(parents=True, exist_ok=True)
+        target = dest / check_model_name(v.model) / str(int(v.version))
+        target.mkdir()
         files = (v.manifest or {}).get("files", {})
+        hashes: dict[str, str] = {}
         for rel, meta in sorted(files.items()):
-            out = target / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(v.path / rel, out)
-            if sha256_file(out) != meta["sha256"]:
+            if rel == MANIFEST:
+                raise RepositoryError("the manifest lists manifest.json as one of its files", value=rel,
+                                      origin=f"{v.model}/{v.version}", hint="nothing was built")
+            digest = _copy_exclusive(v.file(rel), target, rel)
+            if digest != meta["sha256"]:
                 raise RepositoryError("a model file changed while it was being packaged", value=f"{v.model}/{v.version}/{rel}",
                                       origin=str(v.path), hint="nothing was built; run again")
-        shutil.copyfile(v.path / MANIFEST, target / MANIFEST)
+            hashes[rel] = digest
+        hashes[MANIFEST] = _copy_exclusive(v.file(MANIFEST, MANIFEST), target, MANIFEST)
+        copied[(v.model, v.version)] = hashes
     for p in dest.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
+        if not p.is_symlink():
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    return copied
+
+
+def _context_path(folder: Path, rel: str) -> Path:
+    """`folder/rel`, refusing any name that would leave `folder` (checked again on the writing
+    side: the context must not depend on the reader's check alone)."""
+    rel = check_relative(rel, "packaged file")
+    out = folder / rel
+    for parent in reversed(out.relative_to(folder).parents):
+        p = folder / parent
+        if p.is_symlink():
+            raise RepositoryError("a packaged file's folder is a symlink", value=rel)
+    return out
+
+
+def _copy_exclusive(src: Path, folder: Path, rel: str) -> str:
+    """Copy `src` to `folder/rel`, a new file (never over another), and return its sha256 as written."""
+    out = _context_path(folder, rel)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        raise RepositoryError("two repository files would be packaged as one file", value=rel,
+                              hint="nothing was built; the manifest names a file twice") from None
+    with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
+        while block := s.read(1 << 20):
+            h.update(block)
+            f.write(block)
+    return h.hexdigest()
+
+
+def _write_exclusive(folder: Path, rel: str, data: bytes) -> None:
+    out = _context_path(folder, rel)
+    try:
+        with open(out, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        raise RepositoryError("a generated file would overwrite a repository file", value=rel) from None
+
+
+def hash_files(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file under `folder`, by relative path (what a context holds)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[p.relative_to(folder).as_posix()] = sha256_file(p)
+    return out
 
 
 class ContextDir:

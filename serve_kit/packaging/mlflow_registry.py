@@ -164,11 +164,12 @@ def _register(uri: str, name: str, selection, *, image_ref: str, digest: str | N
                                               "latency": manifest.get("latency"),
                                               "reference": manifest.get("reference")}, indent=2, default=str))
                 client.log_artifact(run_id, str(report), artifact_path="reports")
-            optimize_report = v.path / "optimize-report.json"  # kept inside the version it wrote
-            if optimize_report.is_file():
-                client.log_artifact(run_id, str(optimize_report), artifact_path=f"reports/{v.model}")
+            # Kept inside the version it wrote; read through the repository's path check like every
+            # other file of a version (a link out of it is never uploaded).
+            if "optimize-report.json" in (manifest.get("files") or {}):
+                client.log_artifact(run_id, str(v.file("optimize-report.json")), artifact_path=f"reports/{v.model}")
             metrics.update(_metrics(v.model, v.version, manifest))
-            tags.update(_hash_tags(v.model, v.version, manifest, sha256_file(v.path / "manifest.json")))
+            tags.update(_hash_tags(v.model, v.version, manifest, sha256_file(v.file("manifest.json"))))
             for key in ("backend", "variant", "precision"):
                 if manifest.get(key):
                     params[f"{v.model}.v{v.version}.{key}"] = str(manifest[key])

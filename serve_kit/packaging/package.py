@@ -183,12 +183,15 @@ def run(job: PackageJob, progress: ProgressSink | None = None) -> dict[str, Any]
         for w in prefetch(pins, platform, log):
             copy_or_link(w, wheel_dir / w.name)
             wheels.append(wheel_dir / w.name)
+        # Models go under models/ only (copy_models refuses any name leaving a version's folder and
+        # any collision); the SBOM and labels hash the files as they lie in the context, after
+        # every copy, so they describe what the image really carries.
+        copied = ctx.copy_models(selection, context.tmp / "models", triton=job.triton)
         infos = [wheel_info(w) for w in wheels]
         wheels_size = sum(w.stat().st_size for w in wheels)
-        ctx.copy_models(selection, context.tmp / "models", triton=job.triton)
-        image_labels = ctx.labels(tag, selection, epoch, revision, job.base, base_digest)
+        image_labels = ctx.labels(tag, selection, epoch, revision, job.base, base_digest, copied)
         sbom = build_sbom(image_name=tag.name, image_version=tag.tag, base_name=job.base, base_digest=base_digest,
-                          wheels=infos, versions=selection.versions, created=ctx.iso(epoch))
+                          wheels=infos, versions=selection.versions, created=ctx.iso(epoch), copied=copied)
         (context.tmp / "sbom.cdx.json").write_text(sbom_dumps(sbom))
         spec = ctx.image_spec(image_labels, base_path)
         (context.tmp / "Dockerfile").write_text(ctx.dockerfile(base_from, ctx.image_spec(image_labels), selection))

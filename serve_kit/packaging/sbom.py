@@ -31,7 +31,11 @@ def _license(w: WheelInfo) -> list[dict] | None:
 
 
 def build_sbom(*, image_name: str, image_version: str, base_name: str, base_digest: str | None,
-               wheels: list[WheelInfo], versions: list[VersionInfo], created: str) -> dict[str, Any]:
+               wheels: list[WheelInfo], versions: list[VersionInfo], created: str,
+               copied: dict[tuple[str, int], dict[str, str]] | None = None) -> dict[str, Any]:
+    """The SBOM. `wheels` are hashed from the files in the build context; `copied` gives the sha256
+    of every model file as copied into the context (context.copy_models), which the model
+    components list (without it, the manifests' hashes)."""
     components: list[dict[str, Any]] = []
     base = {"type": "container", "bom-ref": "base-image", "name": base_name}
     if base_digest:
@@ -54,6 +58,9 @@ def build_sbom(*, image_name: str, image_version: str, base_name: str, base_dige
     for v in versions:
         m = v.manifest or {}
         files = m.get("files", {})
+        got = (copied or {}).get((v.model, v.version))
+        if got is not None:
+            files = {rel: {"sha256": digest} for rel, digest in got.items() if rel != "manifest.json"}
         model_file = m.get("model_file")
         c = {"type": "machine-learning-model", "bom-ref": f"model:{v.model}/{v.version}", "name": v.model,
              "version": str(v.version),

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..optimize.validate import compare_outputs
-from ..repository import SAMPLES, VersionInfo, read_samples
+from ..repository import Repository, VersionInfo
 from ..runtime.protocol import HEADER_LENGTH, decode_infer_response, encode_infer_request
 from .context import GRPC_PORT, HTTP_PORT
 from .engine import host_port, wait_health
@@ -124,11 +124,13 @@ def run_smoke_test(client, image_id: str, configs: dict[str, ModelConfig], versi
         failed = []
         for v in versions:
             config = configs[v.model]
-            path = v.path / (v.manifest or {}).get("samples_file", SAMPLES)
-            if not path.is_file():
+            # The same checked, bounded reader the server's warm-up uses (samples_file is a
+            # repository path like any other).
+            samples = Repository(v.path.parent.parent).read_samples(v)
+            if samples is None:
                 result["models"].append({"model": v.model, "version": v.version, "skipped": "no samples.npz"})
                 continue
-            inputs, reference = read_samples(path)
+            inputs, reference = samples
             outputs = infer(url, config, v.version, inputs)
             checks = compare(config, v.manifest or {}, outputs, reference)
             ok = all(c["passed"] for c in checks.values()) and bool(checks)

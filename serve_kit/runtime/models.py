@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError, ServeKitError
-from ..repository import SAMPLES, Repository, read_samples
+from ..repository import Limits, Repository, is_model_name, redact_paths
 from .backends import Backend, load_backend
 from .batcher import DynamicBatcher, SchedulerClosed, SchedulerStats
 from .types import BadRequest, InferRequest, InferResponse, NotFound, Unavailable
@@ -148,24 +148,44 @@ def backend_options(config: ModelConfig, cores: int) -> dict[str, Any]:
     return opts
 
 
-def _warmup_inputs(config: ModelConfig, version_dir: Path) -> list[dict[str, np.ndarray]]:
-    """The inputs to run on each instance before it is ready (config.warmup)."""
+def _warmup_inputs(config: ModelConfig, repository: Repository, info) -> list[dict[str, np.ndarray]]:
+    """The inputs to run on each instance before it is ready (config.warmup). Only the sample rows
+    warm-up runs are read (a batching model: the largest warm-up batch), within the repository's
+    samples limit, never unpickled."""
     samples: dict[str, np.ndarray] | None = None
-    if config.warmup.source == "samples":
-        path = version_dir / SAMPLES
-        if path.is_file():
-            stored = read_samples(path)[0]
-            got = {t.name: stored[t.name] for t in config.inputs if t.name in stored}
+    batching = config.max_batch_size > 0
+    wanted_sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching \
+        else [1][:len(config.warmup.batch_sizes)]
+    if config.warmup.source == "samples" and wanted_sizes:
+        # A non-batching model's samples are one whole request (its full shape): read them whole.
+        stored = repository.read_samples(info, max(wanted_sizes) if batching else None, inputs_only=True)
+        if stored is not None:
+            got = {t.name: stored[0][t.name] for t in config.inputs if t.name in stored[0]}
             # .size, not len(): a scalar input's samples may be a 0-d array.
             if len(got) == len(config.inputs) and all(a.size for a in got.values()):
                 samples = got
         if samples is None:
-            log.warning("%s: no usable samples.npz in %s; warming up with zeros", config.name, version_dir)
+            log.warning("%s: no usable samples in version %s; warming up with zeros", config.name, info.version)
     batching = config.max_batch_size > 0
     sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching \
         else [1][:len(config.warmup.batch_sizes)]  # `batch_sizes: []` turns warm-up off
     runs = []
+    limit = repository.limits.max_samples_bytes
     for b in sizes:
+        # config.yaml is repository input: a warm-up batch of 10^9 rows must be a refused load,
+        # not an allocation (the same bound as the samples read for it).
+        need = 0
+        for t in config.inputs:
+            if samples is not None:
+                a = samples[t.name]
+                elems = (a.size // max(len(a), 1)) * b if batching and a.ndim else a.size
+            else:
+                elems = math.prod(d if d != -1 else 1 for d in t.shape[1 if batching else 0:]) * (b if batching else 1)
+            need += elems * np.dtype(t.dtype).itemsize
+        if need > limit:
+            raise ModelLoadError(f"warm-up batch {b} needs {need} bytes of inputs, over the limit of {limit}",
+                                 hint="lower warmup.batch_sizes / max_batch_size in config.yaml, or raise "
+                                      "`serve-kit serve --max-samples-mb`")
         inputs = {}
         for t in config.inputs:
             if samples is not None:
@@ -195,8 +215,8 @@ class ModelManager:
     """
 
     def __init__(self, repository: str | Path, models: list[str] | None = None, *, cores: int | None = None,
-                 drain_timeout: float = 30.0):
-        self.repository = Repository(repository)
+                 drain_timeout: float = 30.0, limits: Limits | None = None):
+        self.repository = Repository(repository, limits)
         self._wanted = list(models) if models is not None else None
         self.cores = cores or available_cores()
         self.drain_timeout = drain_timeout
@@ -257,6 +277,10 @@ class ModelManager:
         `index()` as UNAVAILABLE with its reason and keeps `ready` false; with `strict`, start
         raises ModelLoadFailed naming every failure instead."""
         names = self._wanted if self._wanted is not None else self.repository.models()
+        bad = [n for n in names if not is_model_name(n)]
+        if bad:
+            raise ModelLoadFailed("not a model name", value=", ".join(map(repr, bad)), origin="--model",
+                                  hint="model names are folder names in the repository: letters, digits and _ . -")
         built = await asyncio.gather(*(asyncio.to_thread(self._build, n) for n in names))
         for m in built:
             self._models[m.name] = m
@@ -275,6 +299,11 @@ class ModelManager:
         the old versions keep serving and ModelLoadFailed says why."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
+        self._check_name(model)
+        if model not in self._models and model not in self.repository.models():
+            # Never entered in the index: only models of the repository are listed there.
+            raise ModelLoadFailed(f"model {model!r} has no config.yaml in the repository",
+                                  origin="load", hint=f"models: {', '.join(self.repository.models()) or 'none'}")
         async with self._lock(model):
             new = await asyncio.to_thread(self._build, model)
             old = self._models.get(model)
@@ -289,7 +318,7 @@ class ModelManager:
                 raise ModelLoadFailed(
                     f"model {model!r} failed to load: " + "; ".join(new.failures)
                     + ("; the previously loaded versions keep serving" if serving else ""),
-                    origin=str(self.repository.root / model))
+                    origin=f"repository model {model}")
             self._models[model] = new  # the swap: every request from here on routes to `new`
             log.info("model %s: serving versions %s", model, sorted(new.routes))
             if old is not None:
@@ -297,6 +326,8 @@ class ModelManager:
 
     async def unload(self, model: str) -> None:
         """Stop routing to a model and drain its versions (waits up to `drain_timeout`)."""
+        if not is_model_name(model):
+            raise NotFound(f"unknown model {model[:80]!r}: not a model name")
         async with self._lock(model):
             old = self._models.get(model)
             if old is None or old.unloaded:
@@ -308,6 +339,21 @@ class ModelManager:
             old_schedulers = old.schedulers()
             self._draining.extend(old_schedulers)
             await asyncio.gather(*(self._drain_one(s) for s in old_schedulers))
+
+    @staticmethod
+    def _check_name(model: object) -> None:
+        """Names are model names (the repository's rule), never paths: refused here, once, for
+        every frontend (HTTP and gRPC load/unload call this manager)."""
+        if not is_model_name(model):
+            shown = model[:80] + "..." if isinstance(model, str) and len(model) > 80 else model
+            raise ModelLoadFailed("not a model name", value=shown, origin="load",
+                                  hint="model names are folder names in the repository: letters, digits and _ . - "
+                                       "(starting with a letter or digit)")
+
+    def _public(self, reason: str) -> str:
+        """A failure reason as shown to every client (the repository index is unauthenticated):
+        one line, paths relative to the repository, any other server path redacted."""
+        return redact_paths(reason.replace("\n", " "), self.repository.root)
 
     def _lock(self, model: str) -> asyncio.Lock:
         lock = self._locks.get(model)
@@ -345,7 +391,7 @@ class ModelManager:
         try:
             config = self.repository.config(name)
         except ServeKitError as e:
-            return _Model(name, None, reason=e.render().replace("\n", " "))
+            return _Model(name, None, reason=self._public(e.render()))
         if config.name != name:
             return _Model(name, None, reason=f"config.yaml names model {config.name!r}, but its directory is {name!r}")
         numbers = self.repository.version_numbers(name)
@@ -360,10 +406,11 @@ class ModelManager:
                 sched = self._load_version(config, v, numbers)
                 versions[v] = _Version(v, sched, READY)
             except ServeKitError as e:
-                versions[v] = _Version(v, None, UNAVAILABLE, e.message)
+                versions[v] = _Version(v, None, UNAVAILABLE, self._public(e.message))
                 log.error("model %s version %d: %s", name, v, e.render())
             except Exception as e:  # noqa: BLE001 - one broken version must not stop the others loading
-                versions[v] = _Version(v, None, UNAVAILABLE, f"unexpected error: {type(e).__name__}: {e}")
+                versions[v] = _Version(v, None, UNAVAILABLE,
+                                       self._public(f"unexpected error: {type(e).__name__}: {e}"))
                 log.exception("model %s version %d failed to load", name, v)
         return _Model(name, config, versions)
 
@@ -385,7 +432,7 @@ class ModelManager:
         t0 = time.perf_counter()
         instances: list[Backend] = []
         try:
-            runs = _warmup_inputs(config, info.path)
+            runs = _warmup_inputs(config, self.repository, info)
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"cannot read warm-up samples: {e}", origin=str(info.path)) from None
         for _ in range(config.instance_group.count):

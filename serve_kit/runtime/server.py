@@ -29,6 +29,11 @@ class ServeOptions:
     """Seconds an idle HTTP keep-alive connection stays open."""
     management_token: str | None = None
     """When set, the repository extension's load/unload is enabled and needs this bearer token."""
+    # -- repository limits (serve_kit.repository.Limits; a repository is input too) --
+    max_metadata_bytes: int = 16 * 1024 * 1024
+    """Largest config.yaml / manifest.json read; a larger one fails that model's load."""
+    max_samples_bytes: int = 256 * 1024 * 1024
+    """Uncompressed bytes read from one samples.npz (warm-up reads only the rows it runs)."""
     on_ready: Callable[[dict], None] | None = field(default=None, repr=False)
 
 
@@ -54,7 +59,10 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None) -> int
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests run servers in threads)
             pass
-    manager = ModelManager(options.repository, models=options.models)
+    from ..repository import Limits
+
+    manager = ModelManager(options.repository, models=options.models,
+                           limits=Limits(options.max_metadata_bytes, options.max_samples_bytes))
     await manager.start()
     frontend = Frontend(manager, metrics_render=lambda: metrics.render(manager),
                         management_token=options.management_token)
