@@ -256,6 +256,8 @@ def _unary(method):
             raise
         except Exception as e:
             code, message = _failure(e, method.__name__)
+            if getattr(e, "retry_after", None):  # gRFC A6: the server's retry pushback
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(e.retry_after * 1000))),))
         await context.abort(code, message)
     return handler
 

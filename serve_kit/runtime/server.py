@@ -29,6 +29,11 @@ class ServeOptions:
     """Seconds an idle HTTP keep-alive connection stays open."""
     management_token: str | None = None
     """When set, the repository extension's load/unload is enabled and needs this bearer token."""
+    # -- scheduling under overload (issue 13) --
+    max_queue_ms: float = 2000.0
+    """Queue-time bound: a request whose batch has not started after this many ms is shed with 503 +
+    Retry-After (gRPC UNAVAILABLE), and one is refused at once when the queue ahead would take
+    longer; 0 = off. Triton has no default; see batcher.DEFAULT_MAX_QUEUE_TIME_US for the choice."""
     on_ready: Callable[[dict], None] | None = field(default=None, repr=False)
 
 
@@ -54,7 +59,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None) -> int
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests run servers in threads)
             pass
-    manager = ModelManager(options.repository, models=options.models)
+    manager = ModelManager(options.repository, models=options.models,
+                           scheduler_options={"max_queue_time_us": int(options.max_queue_ms * 1000)})
     await manager.start()
     frontend = Frontend(manager, metrics_render=lambda: metrics.render(manager),
                         management_token=options.management_token)
