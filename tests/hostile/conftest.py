@@ -15,6 +15,7 @@ can use `serve_once(repo)` to start a server on a crafted repository and `assert
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,13 @@ def server(hostile_repo):
 def good_client(server):
     """Runs a GoodClient through the test; afterwards checks it, the server's RSS and that the
     server still answers correctly."""
+    logged = len(server.log)
     with GoodClient(server.http_port) as client:
         yield client
     client.check()
     assert_unharmed(server)
+    time.sleep(0.05)  # the stderr reader thread catches up
+    new = "".join(server.log[logged:])
+    assert "Traceback" not in new, new[-4000:]
 
 
