@@ -51,9 +51,7 @@ def server(hostile_repo):
     assert_alive(s)
     s.baseline_rss = s.rss()
     yield s
-    stop_server(s)
-    tracebacks = [line for line in s.log if line.startswith("Traceback")]
-    assert not tracebacks, "".join(s.log)[-4000:]
+    stop_server(s)  # tracebacks in its log are checked per test (good_client)
 
 
 @pytest.fixture

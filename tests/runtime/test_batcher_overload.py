@@ -182,3 +182,34 @@ def test_overload_sheds_with_503_and_retry_after_and_answered_requests_stay_near
     assert p99 < 0.9, p99
     # Shedding is fast: most 503s are refusals at admission, not waits to the bound.
     assert sorted(lat for lat, _ in shed)[len(shed) // 2] < 0.2
+
+
+def test_grpc_sheds_with_unavailable_and_a_retry_pushback(tmp_path):
+    import grpc
+
+    from serve_kit.runtime.proto import grpc_service_pb2 as pb
+
+    write_probe(tmp_path, probe_config("slowish", max_batch_size=1, dynamic_batching={
+        "max_queue_delay_microseconds": 0}), delay_s=0.4)
+    s = InProcessServer(tmp_path, exit_timeout=5, max_queue_ms=100)
+    s.options.grpc_port = 0
+    s.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.info['grpc_port']}") as ch:
+            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+            req = pb.ModelInferRequest(model_name="slowish")
+            req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            req.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+            running = infer.future(req, timeout=30)
+            time.sleep(0.1)  # the first one is running now: the next one waits behind 400 ms
+            with pytest.raises(grpc.RpcError) as shed:
+                infer(req, timeout=30)
+            assert running.result().model_name == "slowish"
+        assert shed.value.code() == grpc.StatusCode.UNAVAILABLE, shed.value.details()
+        assert "--max-queue-ms" in shed.value.details()
+        pushback = dict(shed.value.trailing_metadata() or ())
+        assert int(pushback["grpc-retry-pushback-ms"]) >= 1000
+    finally:
+        assert s.stop() == 0
