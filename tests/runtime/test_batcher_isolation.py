@@ -234,3 +234,31 @@ def test_bad_requests_mixed_with_valid_ones_over_http_fail_alone_with_400(server
         else:
             assert status == 400, (i, doc)
             assert "cannot run this request's input" in doc["error"]
+
+
+def test_backend_errors_reach_the_client_without_server_paths(tmp_path):
+    b = breakable(tmp_path)
+    where = str(tmp_path / "weights" / "model.onnx")
+
+    class Leaky(BreakableBackend):
+        name = "test-leaky"
+
+        def _infer_impl(self, inputs):
+            if np.any(inputs["x"] < 0):
+                raise RuntimeError(f"cannot read {where}: bad tensor")
+            return {"y": inputs["x"] * 2}
+
+    leaky = Leaky(b.model_path)
+    leaky.load()
+    cfg = probe_config(max_batch_size=4, dynamic_batching={"max_queue_delay_microseconds": 0})
+
+    async def main():
+        s = DynamicBatcher(cfg, [leaky], model="leaky", canary={"x": np.ones((1, 4), np.float32)})
+        with pytest.raises(BadRequest) as e:
+            await s.submit({"x": -np.ones((1, 4), np.float32)})
+        await s.drain(5)
+        return e.value
+
+    err = arun(main())
+    assert where not in err.message and str(tmp_path) not in err.message
+    assert "cannot read <path>: bad tensor" in err.message
