@@ -288,7 +288,7 @@ class DynamicBatcher:
         self._cond = threading.Condition(threading.Lock())
         self._queues: list[deque[_Request]] = [deque() for _ in range(self._levels)]
         self._queued = 0
-        self._queued_rows = 0
+        self._level_rows = [0] * self._levels  # rows waiting per priority level
         self._rows: dict[Any, int] = {}
         self._idle = 0      # workers waiting for an empty queue
         self._forming = 0   # workers waiting for a batch to fill up (max_queue_delay)
@@ -430,9 +430,10 @@ class DynamicBatcher:
                                                f"waiting, max_queue_size {self._max_queue}); retry later",
                                                retry_after=1))
             if self._shed_ns and self._batch_ns:
-                # Shed early: the executions already queued ahead would outlast the bound, so this
-                # request would only wait to be shed (or be answered too late).
-                wait = self._queued_rows // self._target * self._batch_ns / self._instances
+                # Shed early: the executions already queued ahead (at its priority or higher) would
+                # outlast the bound, so this request would only wait to be shed or be answered late.
+                ahead = sum(self._level_rows[:level + 1]) if level else self._level_rows[0]
+                wait = ahead // self._target * self._batch_ns / self._instances
                 if wait > self._shed_ns:
                     raise self._refuse(Overloaded(
                         f"{self._label} is overloaded: the queue ahead ({self._queued} requests, about "
@@ -440,7 +441,7 @@ class DynamicBatcher:
                         "--max-queue-ms); retry later", retry_after=max(1, -(-(wait - self._shed_ns) // 1e9))))
             self._queues[level].append(req)
             self._queued += 1
-            self._queued_rows += rows
+            self._level_rows[level] += rows
             pending = self._rows.get(key, 0) + rows
             self._rows[key] = pending
             # Wake a worker only when that changes something: nobody is forming a batch yet, or
@@ -545,7 +546,7 @@ class DynamicBatcher:
         """Mark a queued request gone (with the lock held); workers drop it from the deque lazily."""
         req.state = _DONE
         self._queued -= 1
-        self._queued_rows -= req.rows
+        self._level_rows[req.level] -= req.rows
         left = self._rows[req.key] - req.rows
         if left:
             self._rows[req.key] = left

@@ -213,3 +213,26 @@ def test_grpc_sheds_with_unavailable_and_a_retry_pushback(tmp_path):
         assert int(pushback["grpc-retry-pushback-ms"]) >= 1000
     finally:
         assert s.stop() == 0
+
+
+def test_early_shedding_counts_only_the_queue_ahead_at_the_same_priority_or_higher(tmp_path):
+    cfg = unbatched(priority_levels=2, default_priority_level=2)
+
+    async def main():
+        s = DynamicBatcher(cfg, [probe(tmp_path, delay_s=0.05)], max_queue_time_us=BOUND_US)
+        await s.submit(row(0))  # one execution measured: ~50 ms
+        low = []
+        for i in range(12):  # a backlog of low-priority requests, about 600 ms
+            try:
+                low.append(s.submit_nowait(row(i), priority=2))
+            except Overloaded:
+                pass
+        with pytest.raises(Overloaded):
+            s.submit_nowait(row(99), priority=2)  # behind the whole backlog: over the bound
+        high = s.submit_nowait(row(7), priority=1)  # nothing ahead of it at its level
+        out = await high
+        await asyncio.gather(*low, return_exceptions=True)
+        await s.drain(5)
+        return out
+
+    assert arun(main())["y"][0, 0] == 14
