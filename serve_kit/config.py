@@ -208,7 +208,10 @@ class DynamicBatching(_Strict):
     max_queue_size: int = Field(default=256, ge=0)
     """Requests waiting beyond this are rejected at once (HTTP 503); 0 = unbounded."""
     default_timeout_microseconds: int = Field(default=0, ge=0)
-    """Per-request timeout when the request sets none; 0 = none. A request may only shorten it."""
+    """Per-request timeout when the request sets none; 0 = none. A request may only shorten it.
+    Past it a queued request is answered 504. Independently, the server's queue-time bound
+    (`serve-kit serve --max-queue-ms`, 2 s by default) sheds a request that waited longer with 503 +
+    Retry-After; whichever comes first answers."""
     priority_levels: int = Field(default=0, ge=0)
     """Number of priority levels (0 = priorities off); 1 is the highest."""
     default_priority_level: int = Field(default=0, ge=0)

@@ -26,6 +26,11 @@ def serve(
                                        help="Seconds a client may take to send one HTTP request (else 408)."),
     keep_alive_timeout: float = typer.Option(75.0, "--keep-alive-timeout", min=0.1,
                                              help="Seconds an idle HTTP keep-alive connection stays open."),
+    max_queue_ms: float = typer.Option(
+        2000.0, "--max-queue-ms", min=0,
+        help="Queue-time bound: a request not started after this many ms is shed with 503 + Retry-After "
+             "(gRPC UNAVAILABLE), early when the queue ahead is already longer; 0 = off. Triton has no "
+             "default (queue policy timeouts are opt-in); 2 s is far above a keeping-up server's queue time."),
     enable_management: bool = typer.Option(False, "--enable-management",
                                            help="Enable the repository extension's load/unload (needs a token)."),
     management_token: Optional[str] = typer.Option(None, "--management-token", envvar="SERVE_KIT_MANAGEMENT_TOKEN",
@@ -79,7 +84,7 @@ def serve(
     options = ServeOptions(repository=repository, models=models or None, host=host, http_port=http_port,
                            grpc_port=None if no_grpc else grpc_port, max_body_bytes=int(max_body_mb * 1024 * 1024),
                            exit_timeout=exit_timeout, read_timeout=read_timeout,
-                           keep_alive_timeout=keep_alive_timeout,
+                           keep_alive_timeout=keep_alive_timeout, max_queue_ms=max_queue_ms,
                            management_token=management_token if enable_management else None, on_ready=ready,
                            max_metadata_bytes=int(max_metadata_mb * 1024 * 1024),
                            max_samples_bytes=int(max_samples_mb * 1024 * 1024))

@@ -25,7 +25,14 @@ Semantics follow Triton's dynamic batcher wherever Triton defines them:
   starts: an expired request is dropped from the queue and answered Timeout;
 * priority 1 is the highest of `priority_levels`; 0, or a level out of range, means the model's
   `default_priority_level`. Higher levels are served first, FIFO within a level;
-* a backend exception fails exactly the requests of that batch with Internal; the worker goes on.
+* a request that has waited `max_queue_time_us` (the server's --max-queue-ms) without starting is
+  shed with Overloaded (503 + Retry-After), and one is refused at once when the queue ahead of it
+  (queued rows / batch size x the moving average of an execution's time / instances) would already
+  take longer: under overload clients get a fast 503 to retry elsewhere, not an answer after
+  seconds. Triton has no such default (its queue policy's timeout is off unless configured);
+* a backend exception fails only the requests that cause it: the batch is bisected down to the
+  requests that fail alone (400 when the backend runs other inputs, 500 when it fails those too:
+  see `_isolate`); the worker goes on.
 
 With `dynamic_batching: null` (or `max_batch_size: 0`) each request runs alone, still through the
 queue and the instance pool.
@@ -36,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -46,7 +54,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from .backends import Backend
-from .types import BadRequest, InferError, Internal, Timeout, Unavailable
+from .types import BadRequest, InferError, Internal, Overloaded, Timeout, Unavailable
 
 log = logging.getLogger("serve_kit.runtime")
 
@@ -58,6 +66,13 @@ _BUCKETS_NS = tuple(int(b * 1e9) for b in LATENCY_BUCKETS_S)
 _NBUCKETS = len(_BUCKETS_NS) + 1  # the last one is +Inf
 
 _QUEUED, _TAKEN, _DONE = 0, 1, 2
+
+DEFAULT_MAX_QUEUE_TIME_US = 2_000_000
+"""The queue-time bound's default (`serve-kit serve --max-queue-ms 2000`). Triton has none (its
+queue policy times out only when configured), nor do HTTP servers; HAProxy's `timeout queue` is the
+same mechanism (503 past it) and has no default of its own. 2 s: an answer later than that is worth
+less to an interactive client than a fast 503 it can retry elsewhere, and it is far above the
+queue time of a server that keeps up (milliseconds: a few executions), so only a backlog sheds."""
 
 class SchedulerClosed(Unavailable):
     """The scheduler stopped accepting requests (draining for a reload, unload or shutdown).
@@ -108,6 +123,8 @@ class SchedulerStats:
     """Rows (batch items) inferred."""
     execution_count: int = 0
     """Backend executions (batches)."""
+    isolation_runs: int = 0
+    """Extra backend executions spent finding which request of a failed batch causes the failure."""
     batches: dict[int, list[int]] = field(default_factory=dict)
     """Batch size in rows -> [executions, compute_input_ns, compute_infer_ns, compute_output_ns]."""
     queue_hist: list[int] = field(default_factory=lambda: [0] * _NBUCKETS)
@@ -140,6 +157,7 @@ class SchedulerStats:
             compute_count=self.compute_count + other.compute_count,
             inference_count=self.inference_count + other.inference_count,
             execution_count=self.execution_count + other.execution_count, batches=batches,
+            isolation_runs=self.isolation_runs + other.isolation_runs,
             queue_hist=[a + b for a, b in zip(self.queue_hist, other.queue_hist)],
             compute_hist=[a + b for a, b in zip(self.compute_hist, other.compute_hist)],
             last_inference_ms=max(self.last_inference_ms, other.last_inference_ms),
@@ -151,9 +169,9 @@ class SchedulerStats:
 
 
 class _Request:
-    __slots__ = ("inputs", "rows", "key", "level", "fut", "loop", "t0", "deadline", "state", "timer")
+    __slots__ = ("inputs", "rows", "key", "level", "fut", "loop", "t0", "deadline", "state", "timer", "shed")
 
-    def __init__(self, inputs, rows, key, level, fut, loop, t0, deadline):
+    def __init__(self, inputs, rows, key, level, fut, loop, t0, deadline, shed=False):
         self.inputs = inputs
         self.rows = rows
         self.key = key
@@ -164,6 +182,8 @@ class _Request:
         self.deadline = deadline
         self.state = _QUEUED
         self.timer = None
+        self.shed = shed
+        """The deadline is the queue-time bound (answered Overloaded), not the request's timeout."""
 
 
 class _Counters:
@@ -172,12 +192,12 @@ class _Counters:
 
     __slots__ = ("success_count", "success_ns", "fail", "queue_ns", "queue_count", "in_ns", "infer_ns",
                  "out_ns", "compute_count", "inference_count", "execution_count", "batches",
-                 "queue_hist", "compute_hist", "last_ms")
+                 "queue_hist", "compute_hist", "last_ms", "isolation_runs")
 
     def __init__(self, max_rows: int):
         self.success_count = self.success_ns = self.queue_ns = self.queue_count = 0
         self.in_ns = self.infer_ns = self.out_ns = self.compute_count = 0
-        self.inference_count = self.execution_count = self.last_ms = 0
+        self.inference_count = self.execution_count = self.last_ms = self.isolation_runs = 0
         self.fail: dict[int, list[int]] = {}
         # Preallocated so that the worker never grows a container a reader may be copying.
         self.batches = [[0, 0, 0, 0] for _ in range(max_rows + 1)]
@@ -203,7 +223,7 @@ class _Counters:
             queue_count=self.queue_count, queue_ns=self.queue_ns, compute_input_ns=self.in_ns,
             compute_infer_ns=self.infer_ns, compute_output_ns=self.out_ns, compute_count=self.compute_count,
             inference_count=self.inference_count, execution_count=self.execution_count, batches=batches,
-            queue_hist=list(self.queue_hist), compute_hist=list(self.compute_hist),
+            isolation_runs=self.isolation_runs, queue_hist=list(self.queue_hist), compute_hist=list(self.compute_hist),
             last_inference_ms=self.last_ms)
 
 
@@ -212,10 +232,14 @@ class DynamicBatcher:
 
     `backends` are loaded (and warmed) backend instances of the same model, one per instance;
     each is used by exactly one worker thread from now on. Use from one event loop.
+    `max_queue_time_us`: the queue-time bound (0 = off). `canary`: an input the backends are known
+    to run (a warm-up input), to tell a broken backend from a bad request when a batch fails
+    before anything succeeded; later the last input that succeeded takes its place.
     """
 
     def __init__(self, config: ModelConfig, backends: Sequence[Backend], *, model: str | None = None,
-                 version: int = 1):
+                 version: int = 1, max_queue_time_us: int = DEFAULT_MAX_QUEUE_TIME_US,
+                 canary: dict[str, np.ndarray] | None = None):
         if not backends:
             raise ValueError("a scheduler needs at least one backend instance")
         self.config = config
@@ -229,6 +253,12 @@ class DynamicBatcher:
         # Queue policy applies with or without batching when the model configures it.
         self._max_queue = db.max_queue_size if db else 0
         self._default_timeout_us = db.default_timeout_microseconds if db else 0
+        # The queue-time bound (0 = off): waiting longer than this is shed with Overloaded (503).
+        self._shed_ns = max(0, int(max_queue_time_us)) * 1000
+        self._batch_ns = 0.0  # moving average of an execution's time (workers write it)
+        self._instances = len(backends)
+        self._sweep: asyncio.TimerHandle | None = None
+        self._first_canary = canary
         levels = db.priority_levels if db else 0
         self._levels = max(1, levels)
         default = db.default_priority_level if db else 0
@@ -258,6 +288,7 @@ class DynamicBatcher:
         self._cond = threading.Condition(threading.Lock())
         self._queues: list[deque[_Request]] = [deque() for _ in range(self._levels)]
         self._queued = 0
+        self._level_rows = [0] * self._levels  # rows waiting per priority level
         self._rows: dict[Any, int] = {}
         self._idle = 0      # workers waiting for an empty queue
         self._forming = 0   # workers waiting for a batch to fill up (max_queue_delay)
@@ -382,8 +413,13 @@ class DynamicBatcher:
             gap = t0 - self._last_arrival
             self._last_arrival = t0
             self._gap_ns += ((gap if gap < self._gap_cap else self._gap_cap) - self._gap_ns) * 0.0625
+        deadline = t0 + t * 1000 if t else 0
+        shed = False
+        if self._shed_ns and (not deadline or t0 + self._shed_ns < deadline):
+            deadline = t0 + self._shed_ns
+            shed = True
         fut = loop.create_future()
-        req = _Request(inputs, rows, key, level, fut, loop, t0, t0 + t * 1000 if t else 0)
+        req = _Request(inputs, rows, key, level, fut, loop, t0, deadline, shed)
 
         cond = self._cond
         with cond:
@@ -391,9 +427,21 @@ class DynamicBatcher:
                 raise self._refuse(SchedulerClosed(f"{self._label} is not accepting requests; retry"))
             if self._max_queue and self._queued >= self._max_queue:
                 raise self._refuse(Unavailable(f"{self._label}: queue is full ({self._queued} requests "
-                                               f"waiting, max_queue_size {self._max_queue}); retry later"))
+                                               f"waiting, max_queue_size {self._max_queue}); retry later",
+                                               retry_after=1))
+            if self._shed_ns and self._batch_ns:
+                # Shed early: the executions already queued ahead (at its priority or higher) would
+                # outlast the bound, so this request would only wait to be shed or be answered late.
+                ahead = sum(self._level_rows[:level + 1]) if level else self._level_rows[0]
+                wait = ahead // self._target * self._batch_ns / self._instances
+                if wait > self._shed_ns:
+                    raise self._refuse(Overloaded(
+                        f"{self._label} is overloaded: the queue ahead ({self._queued} requests, about "
+                        f"{wait / 1e6:.0f} ms) exceeds the queue-time bound ({self._shed_ns / 1e6:.0f} ms, "
+                        "--max-queue-ms); retry later", retry_after=max(1, -(-(wait - self._shed_ns) // 1e9))))
             self._queues[level].append(req)
             self._queued += 1
+            self._level_rows[level] += rows
             pending = self._rows.get(key, 0) + rows
             self._rows[key] = pending
             # Wake a worker only when that changes something: nobody is forming a batch yet, or
@@ -401,9 +449,45 @@ class DynamicBatcher:
             if (self._idle and not self._forming) or pending >= self._target:
                 cond.notify()
         self._outstanding += 1
-        if t:
+        if t and not shed:
             req.timer = loop.call_later(t / 1e6, self._expire, req)
+        if shed and self._sweep is None:
+            self._sweep = loop.call_later(self._shed_ns / 1e9, self._sweep_queue)
         return req
+
+    def _sweep_queue(self) -> None:
+        """Shed the requests past the queue-time bound that no worker took (every instance busy
+        or hung), on the loop; re-armed for the oldest request left. One timer per scheduler, not
+        one per request: workers shed what they find past the bound when they form a batch."""
+        self._sweep = None
+        now = time.monotonic_ns()
+        shed: list[_Request] = []
+        oldest = 0
+        with self._cond:
+            for q in self._queues:
+                while q:
+                    r = q[0]
+                    if r.state != _QUEUED:
+                        q.popleft()
+                    elif r.shed and now >= r.deadline:
+                        q.popleft()
+                        self._unqueue(r)
+                        shed.append(r)
+                    else:
+                        # FIFO within a level: the first one left is the oldest of its level.
+                        oldest = r.t0 if not oldest else min(oldest, r.t0)
+                        break
+        for r in shed:
+            self._loop_counters.failed(Overloaded.status, 1, now - r.t0)
+            self._finish(r, None, self._shed_error(r, now))
+        if oldest and self._loop is not None and not self._loop.is_closed():
+            self._sweep = self._loop.call_later(max(oldest + self._shed_ns - now, 1_000_000) / 1e9,
+                                                self._sweep_queue)
+
+    def _shed_error(self, r: _Request, now: int) -> Overloaded:
+        return Overloaded(f"{self._label} is overloaded: the request waited {(now - r.t0) / 1e6:.0f} ms in the "
+                          f"queue, over the queue-time bound ({self._shed_ns / 1e6:.0f} ms, --max-queue-ms); "
+                          "retry later", retry_after=1)
 
     def _bucketed(self, name: str, shape: tuple) -> tuple:
         """An input's non-batch shape with its padded axis rounded up to its bucket (the batching
@@ -462,6 +546,7 @@ class DynamicBatcher:
         """Mark a queued request gone (with the lock held); workers drop it from the deque lazily."""
         req.state = _DONE
         self._queued -= 1
+        self._level_rows[req.level] -= req.rows
         left = self._rows[req.key] - req.rows
         if left:
             self._rows[req.key] = left
@@ -664,16 +749,87 @@ class DynamicBatcher:
                 break
         return batch
 
+    def _execute(self, backend: Backend, batch: list[_Request]) -> tuple[list[dict], int, int, int]:
+        """Run `batch` as one backend execution: (each request's outputs, rows, t_in, t_infer)."""
+        n = len(batch)
+        padded = False
+        if n == 1:
+            inputs = batch[0].inputs
+            total = batch[0].rows
+        elif self._pad:
+            inputs = {}
+            for k in self._input_names:
+                parts = [r.inputs[k] for r in batch]
+                pad = self._pad.get(k)
+                if pad is not None and len({a.shape[pad[0]] for a in parts}) > 1:
+                    inputs[k] = _pad_concatenate(parts, *pad)
+                    padded = True
+                else:
+                    inputs[k] = np.concatenate(parts)
+            total = sum(r.rows for r in batch)
+        else:
+            concatenate = np.concatenate
+            inputs = {k: concatenate([r.inputs[k] for r in batch]) for k in self._input_names}
+            total = sum(r.rows for r in batch)
+        t_in = time.monotonic_ns()
+        outputs = backend.infer(inputs)
+        t_infer = time.monotonic_ns()
+        if n == 1:
+            return [outputs], total, t_in, t_infer
+        for k, v in outputs.items():
+            if v.shape[0] != total:
+                raise ValueError(f"output {k!r} has {v.shape[0]} rows for a batch of {total}")
+        results = []
+        off = 0
+        for r in batch:
+            end = off + r.rows
+            results.append({k: v[off:end] for k, v in outputs.items()})
+            off = end
+        if padded and self._crop:
+            self._crop_outputs(batch, results)
+        return results, total, t_in, t_infer
+
+    def _succeeded(self, stats: _Counters, batch: list[_Request], total: int, t_start: int, t_in: int,
+                   t_infer: int, t_end: int) -> None:
+        """Count a successful execution (worker thread). Queue and compute statistics count
+        successful requests only, as Triton's do."""
+        n = len(batch)
+        bounds = _BUCKETS_NS
+        for r in batch:
+            q = t_start - r.t0
+            stats.queue_ns += q
+            stats.queue_hist[bisect.bisect_left(bounds, q)] += 1
+        stats.queue_count += n
+        d_in, d_infer, d_out = t_in - t_start, t_infer - t_in, t_end - t_infer
+        stats.in_ns += d_in * n
+        stats.infer_ns += d_infer * n
+        stats.out_ns += d_out * n
+        stats.compute_count += n
+        stats.compute_hist[bisect.bisect_left(bounds, t_end - t_start)] += n
+        stats.success_count += n
+        stats.success_ns += n * t_end - sum(r.t0 for r in batch)
+        stats.inference_count += total
+        stats.execution_count += 1
+        b = stats.batches[total]
+        b[0] += 1
+        b[1] += d_in
+        b[2] += d_infer
+        b[3] += d_out
+        stats.last_ms = time.time_ns() // 1_000_000
+        # Moving average of an execution's time, for the queue-time bound's early shedding (a
+        # float written by any worker; a lost update only delays the average a little).
+        d = t_end - t_start
+        self._batch_ns = d if not self._batch_ns else self._batch_ns + (d - self._batch_ns) * 0.125
+
     def _worker(self, index: int, backend: Backend) -> None:
         _tight_timer_slack()
         stats = self._counters[index]
-        names = self._input_names
-        label = self._label
         current = self._current
-        bounds = _BUCKETS_NS
-        bisect_left = bisect.bisect_left
         monotonic_ns = time.monotonic_ns
-        concatenate = np.concatenate
+        # The inputs of the last request that succeeded on this instance: a known-good input that
+        # tells a broken backend (it fails too) from a request whose input the backend rejects.
+        canary: dict[str, np.ndarray] | None = self._first_canary
+        broken = False  # the canary failed: until a success, failures are the backend's
         while True:
             got = self._next_batch()
             if got is None:
@@ -685,78 +841,107 @@ class DynamicBatcher:
             if not batch:
                 continue
             current[index] = batch
-            loop = batch[0].loop
-            n = len(batch)
             try:
-                padded = False
-                if n == 1:
-                    inputs = batch[0].inputs
-                    total = batch[0].rows
-                elif self._pad:
-                    inputs = {}
-                    for k in names:
-                        parts = [r.inputs[k] for r in batch]
-                        pad = self._pad.get(k)
-                        if pad is not None and len({a.shape[pad[0]] for a in parts}) > 1:
-                            inputs[k] = _pad_concatenate(parts, *pad)
-                            padded = True
-                        else:
-                            inputs[k] = concatenate(parts)
-                    total = sum(r.rows for r in batch)
-                else:
-                    inputs = {k: concatenate([r.inputs[k] for r in batch]) for k in names}
-                    total = sum(r.rows for r in batch)
-                t_in = monotonic_ns()
-                outputs = backend.infer(inputs)
-                t_infer = monotonic_ns()
-                if n == 1:
-                    results = [outputs]
-                else:
-                    for k, v in outputs.items():
-                        if v.shape[0] != total:
-                            raise ValueError(f"output {k!r} has {v.shape[0]} rows for a batch of {total}")
-                    results = []
-                    off = 0
-                    for r in batch:
-                        end = off + r.rows
-                        results.append({k: v[off:end] for k, v in outputs.items()})
-                        off = end
-                    if padded and self._crop:
-                        self._crop_outputs(batch, results)
-                t_end = monotonic_ns()
-            except Exception as e:  # noqa: BLE001 - whatever the backend raised fails only this batch
-                t_end = monotonic_ns()
+                results, total, t_in, t_infer = self._execute(backend, batch)
+            except Exception as e:  # noqa: BLE001 - whatever the backend raised fails at most this batch
+                canary, broken = self._isolate(backend, stats, batch, e, t_start, canary, broken)
                 current[index] = None
-                log.error("%s: backend failed on a batch of %d request(s): %s: %s", label, n,
-                          type(e).__name__, e)
-                err = Internal(f"{label} failed: {type(e).__name__}: {e}")
-                stats.failed(err.status, n, n * t_end - sum(r.t0 for r in batch))
-                self._post(loop, batch, None, err)
                 continue
+            t_end = monotonic_ns()
             current[index] = None
-            # Queue and compute statistics count successful requests only, as Triton's do.
-            for r in batch:
-                q = t_start - r.t0
-                stats.queue_ns += q
-                stats.queue_hist[bisect_left(bounds, q)] += 1
-            stats.queue_count += n
-            d_in, d_infer, d_out = t_in - t_start, t_infer - t_in, t_end - t_infer
-            stats.in_ns += d_in * n
-            stats.infer_ns += d_infer * n
-            stats.out_ns += d_out * n
-            stats.compute_count += n
-            stats.compute_hist[bisect_left(bounds, t_end - t_start)] += n
-            stats.success_count += n
-            stats.success_ns += n * t_end - sum(r.t0 for r in batch)
-            stats.inference_count += total
-            stats.execution_count += 1
-            b = stats.batches[total]
-            b[0] += 1
-            b[1] += d_in
-            b[2] += d_infer
-            b[3] += d_out
-            stats.last_ms = time.time_ns() // 1_000_000
-            self._post(loop, batch, results, None)
+            canary = batch[0].inputs
+            broken = False
+            self._succeeded(stats, batch, total, t_start, t_in, t_infer, t_end)
+            self._post(batch[0].loop, batch, results, None)
+
+    def _isolate(self, backend: Backend, stats: _Counters, batch: list[_Request], first: Exception,
+                 t_start: int, canary: dict | None, broken: bool) -> tuple[dict | None, bool]:
+        """A batch failed as a whole: find the request(s) that cause it, so that only they fail.
+
+        The batch is split in halves until each failing part is one request run alone (bisection:
+        a batch of n with one bad request costs about 2 log2(n) executions, a request runs alone
+        at most once). A request that fails alone while the backend runs other inputs (a part of
+        this batch, or the canary: the last input that succeeded here) is the input's fault: 400.
+        Otherwise the backend is at fault: 500, and the rest of the batch fails with it instead of
+        being retried one by one (a broken backend must not turn each batch into n slow retries);
+        until the next success, failures on this instance are answered 500 at once.
+        Returns the (canary, broken) state for the next batch."""
+        label = self._label
+        loop = batch[0].loop
+        n = len(batch)
+        log.warning("%s: backend failed on a batch of %d request(s): %s: %s", label, n,
+                    type(first).__name__, first)
+        runs = 0
+
+        def fail_internal(reqs: list[_Request], e: Exception) -> None:
+            now = time.monotonic_ns()
+            err = Internal(f"{label} failed: {type(e).__name__}: {_scrub(e)}")
+            stats.failed(err.status, len(reqs), len(reqs) * now - sum(r.t0 for r in reqs))
+            self._post(loop, reqs, None, err)
+
+        def fail_input(req: _Request, e: Exception) -> None:
+            err = BadRequest(f"{label} cannot run this request's input (the model runs other inputs): "
+                             f"{type(e).__name__}: {_scrub(e)}")
+            stats.failed(err.status, 1, time.monotonic_ns() - req.t0)
+            self._post(loop, [req], None, err)
+
+        healthy = False
+        if broken:
+            fail_internal(batch, first)
+            return canary, True
+        if canary is not None:
+            runs += 1
+            try:
+                backend.infer(canary)
+                healthy = True
+            except Exception as e:  # noqa: BLE001 - the backend fails a known-good input: its fault
+                log.error("%s: the backend also fails an input it ran before (%s: %s): failing the batch",
+                          label, type(e).__name__, e)
+                stats.isolation_runs += runs
+                fail_internal(batch, first)
+                return canary, True
+        unsure: tuple[_Request, Exception] | None = None  # failed alone before anything succeeded
+        stack = [batch] if n == 1 else [batch[n // 2:], batch[:n // 2]]
+        first_alone = n == 1  # a batch of one already ran alone
+        while stack:
+            group = stack.pop()
+            if first_alone:
+                first_alone = False
+                e: Exception | None = first
+            else:
+                t0 = time.monotonic_ns()
+                runs += 1
+                try:
+                    results, total, t_in, t_infer = self._execute(backend, group)
+                except Exception as exc:  # noqa: BLE001
+                    e = exc
+                else:
+                    e = None
+                    self._succeeded(stats, group, total, t0, t_in, t_infer, time.monotonic_ns())
+                    self._post(loop, group, results, None)
+                    canary = group[0].inputs
+                    healthy = True
+            if e is None:
+                continue
+            if len(group) > 1:
+                half = len(group) // 2
+                stack += [group[half:], group[:half]]
+            elif healthy:
+                fail_input(group[0], e)
+            elif unsure is None:
+                unsure = (group[0], e)  # decided once something else runs (or fails) here
+            else:
+                # Two requests failed alone and nothing ran: the backend, not the inputs.
+                stats.isolation_runs += runs
+                fail_internal([unsure[0], group[0]] + [r for g in stack for r in g], e)
+                return canary, True
+        if unsure is not None:
+            if healthy:
+                fail_input(*unsure)
+            else:
+                fail_internal([unsure[0]], unsure[1])
+        stats.isolation_runs += runs
+        return canary, False
 
     def _crop_outputs(self, batch: list[_Request], results: list[dict]) -> None:
         """Cut the per-position outputs of a padded batch back to each request's own length (the
@@ -773,15 +958,28 @@ class DynamicBatcher:
 
     def _answer_expired(self, expired: list[_Request], stats: _Counters, now: int) -> None:
         for r in expired:
-            stats.failed(Timeout.status, 1, now - r.t0)
-            self._post(r.loop, [r], None, Timeout(
-                f"{self._label}: request timed out after waiting {(now - r.t0) / 1e6:.1f} ms in the queue"))
+            if r.shed:
+                err: InferError = self._shed_error(r, now)
+            else:
+                err = Timeout(f"{self._label}: request timed out after waiting {(now - r.t0) / 1e6:.1f} ms "
+                              "in the queue")
+            stats.failed(err.status, 1, now - r.t0)
+            self._post(r.loop, [r], None, err)
 
     def _post(self, loop: asyncio.AbstractEventLoop, batch: list[_Request], results, error) -> None:
         try:
             loop.call_soon_threadsafe(self._deliver, batch, results, error)
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting for these answers any more
+
+
+_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?(?:[/\\][\w.+@~-]+){2,}[/\\]?")
+
+
+def _scrub(e: Exception) -> str:
+    """A backend's error text without filesystem paths (model files, sources in a traceback):
+    it goes to unauthenticated clients; the log keeps the whole text."""
+    return _PATH.sub("<path>", str(e))
 
 
 def _pad_concatenate(parts: list[np.ndarray], axis: int, value: float) -> np.ndarray:

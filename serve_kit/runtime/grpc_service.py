@@ -256,7 +256,10 @@ def _unary(method):
             raise
         except Exception as e:
             code, message = _failure(e, method.__name__)
-        await context.abort(code, message)
+            # A 503's Retry-After as gRPC's retry pushback (gRFC A6), which gRPC clients honour.
+            retry_after = getattr(e, "retry_after", None)
+            trailing = (("grpc-retry-pushback-ms", str(int(retry_after * 1000))),) if retry_after else ()
+        await context.abort(code, message, trailing)
     return handler
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import os
 import re
 from collections import deque
@@ -72,7 +73,10 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def error_response(err: InferError) -> Response:
-    return Response(err.status, protocol.encode_error(err), {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if err.retry_after:  # 503 under overload: when to come back (RFC 9110 delay-seconds)
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    return Response(err.status, protocol.encode_error(err), headers)
 
 
 def _internal(e: Exception) -> Response:

@@ -10,6 +10,7 @@ Metrics (labels `model`, `version`; counters are cumulative across reloads of a 
     serve_kit_request_failures_total{status}    the non-200 part of the above
     serve_kit_inferences_total                  batch items (rows) inferred
     serve_kit_executions_total                  backend executions (batches)
+    serve_kit_isolation_executions_total        extra executions that found the requests failing a batch
     serve_kit_queue_duration_seconds            histogram: time from arrival to the start of its batch
     serve_kit_compute_duration_seconds          histogram: its batch's compute time (input + infer + output)
     serve_kit_batch_size                        histogram: rows per execution
@@ -138,6 +139,10 @@ def render_stats(stats: dict[tuple[str, int], SchedulerStats], ready: dict[tuple
     w.family("serve_kit_executions_total", "counter", "Backend executions (batches).")
     for k in keys:
         w.sample("serve_kit_executions_total", lab[k], stats[k].execution_count)
+    w.family("serve_kit_isolation_executions_total", "counter",
+             "Extra backend executions spent finding which requests of a failed batch cause the failure.")
+    for k in keys:
+        w.sample("serve_kit_isolation_executions_total", lab[k], stats[k].isolation_runs)
 
     w.family("serve_kit_queue_duration_seconds", "histogram",
              "Time a request waited in the queue before its batch started.")

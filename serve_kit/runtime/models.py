@@ -215,8 +215,10 @@ class ModelManager:
     """
 
     def __init__(self, repository: str | Path, models: list[str] | None = None, *, cores: int | None = None,
-                 drain_timeout: float = 30.0, limits: Limits | None = None):
+                 drain_timeout: float = 30.0, limits: Limits | None = None, scheduler_options: dict | None = None):
         self.repository = Repository(repository, limits)
+        self.scheduler_options = dict(scheduler_options or {})
+        """Keyword arguments for every DynamicBatcher (server-wide queue policy, e.g. max_queue_time_us)."""
         self._wanted = list(models) if models is not None else None
         self.cores = cores or available_cores()
         self.drain_timeout = drain_timeout
@@ -457,7 +459,8 @@ class ModelManager:
             instances.append(b)
         log.info("model %s version %d: %d x %s loaded and warmed up in %.2f s", name, v, len(instances),
                  backend, time.perf_counter() - t0)
-        return DynamicBatcher(config, instances, model=name, version=v)
+        return DynamicBatcher(config, instances, model=name, version=v, canary=runs[0] if runs else None,
+                              **self.scheduler_options)
 
     # ------------------------------------------------------------------------------------------
     # Routing

@@ -34,6 +34,11 @@ class ServeOptions:
     """Largest config.yaml / manifest.json read; a larger one fails that model's load."""
     max_samples_bytes: int = 256 * 1024 * 1024
     """Uncompressed bytes read from one samples.npz (warm-up reads only the rows it runs)."""
+    # -- scheduling under overload (issue 13) --
+    max_queue_ms: float = 2000.0
+    """Queue-time bound: a request whose batch has not started after this many ms is shed with 503 +
+    Retry-After (gRPC UNAVAILABLE), and one is refused at once when the queue ahead would take
+    longer; 0 = off. Triton has no default; see batcher.DEFAULT_MAX_QUEUE_TIME_US for the choice."""
     on_ready: Callable[[dict], None] | None = field(default=None, repr=False)
 
 
@@ -62,7 +67,8 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None) -> int
     from ..repository import Limits
 
     manager = ModelManager(options.repository, models=options.models,
-                           limits=Limits(options.max_metadata_bytes, options.max_samples_bytes))
+                           limits=Limits(options.max_metadata_bytes, options.max_samples_bytes),
+                           scheduler_options={"max_queue_time_us": int(options.max_queue_ms * 1000)})
     await manager.start()
     frontend = Frontend(manager, metrics_render=lambda: metrics.render(manager),
                         management_token=options.management_token)

@@ -19,6 +19,9 @@ class InferError(Exception):
 
     status = 400
     grpc_code = "INVALID_ARGUMENT"
+    retry_after: float | None = None
+    """Seconds after which a retry may succeed (HTTP `Retry-After`, gRPC `grpc-retry-pushback-ms`);
+    None: no advice."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -44,6 +47,16 @@ class Unavailable(InferError):
 
     status = 503
     grpc_code = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    """Shed by the queue-time bound (`--max-queue-ms`): the request would wait (or has waited)
+    longer than the bound for its batch to start. 503 with Retry-After (gRPC UNAVAILABLE), so a
+    client or load balancer retries later or elsewhere instead of waiting on a backlog."""
 
 
 class Timeout(InferError):

@@ -451,14 +451,14 @@ def test_bad_batch_dimension_is_a_bad_request(tmp_path):
 # Failures
 
 
-def test_backend_error_fails_exactly_its_batch(tmp_path):
+def test_backend_error_fails_only_the_request_that_causes_it(tmp_path):
     cfg = probe_config(max_batch_size=3, dynamic_batching={"max_queue_delay_microseconds": 0})
 
     async def main():
         s = DynamicBatcher(cfg, [probe(tmp_path, hang_value=-1, fail_value=666)], model="probe")
         first = asyncio.ensure_future(s.submit({"x": row(-1)}))
         await wait_calls(1)
-        values = [1, 666, 2, 3, 4, 5, 6]  # batches: [1, 666, 2] fails; [3, 4, 5] and [6] succeed
+        values = [1, 666, 2, 3, 4, 5, 6]  # batches: [1, 666, 2] fails and is split; [3, 4, 5], [6] succeed
         futs = [asyncio.ensure_future(s.submit({"x": row(v)})) for v in values]
         await asyncio.sleep(0.01)
         ProbeBackend.release.set()
@@ -469,11 +469,10 @@ def test_backend_error_fails_exactly_its_batch(tmp_path):
         return outs, again, s.stats()
 
     outs, again, st = arun(main())
-    assert all(isinstance(o, Internal) for o in outs[:3])
-    assert "poison value" in outs[0].message and outs[0].status == 500
-    assert [o["y"][0, 0] for o in outs[3:]] == [6, 8, 10, 12]
+    assert isinstance(outs[1], BadRequest) and outs[1].status == 400 and "poison value" in outs[1].message
+    assert [o["y"][0, 0] for i, o in enumerate(outs) if i != 1] == [2, 4, 6, 8, 10, 12]
     assert again["y"][0, 0] == 14
-    assert st.fail[500][0] == 3 and st.success_count == 6
+    assert st.fail == {400: [1, st.fail[400][1]]} and st.success_count == 8 and st.isolation_runs >= 2
 
 
 def test_hung_instance_blocks_neither_the_others_nor_the_loop(tmp_path):

@@ -11,7 +11,7 @@ from rt_models import arun, probe_config, write_probe
 
 from serve_kit.runtime.metrics import CONTENT_TYPE, Metrics, render
 from serve_kit.runtime.models import ModelManager
-from serve_kit.runtime.types import InferRequest, Internal, Unavailable
+from serve_kit.runtime.types import BadRequest, InferRequest, Unavailable
 
 # One sample line of the text format 0.0.4: name, optional labels, value.
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})? '
@@ -58,12 +58,13 @@ def test_metrics_expose_requests_latencies_batches_and_process(tmp_path):
     got = parse(text)
     parse(body2.decode())
     lab = 'model="probe",version="1"'
-    failed_internal = sum(isinstance(r, Internal) for r in results)
+    # The poison request fails alone, as its input's fault (400); its batch mates succeed.
+    failed_input = sum(isinstance(r, BadRequest) for r in results)
     rejected = sum(isinstance(r, Unavailable) for r in results)
     succeeded = 3 + sum(not isinstance(r, Exception) for r in results)
-    assert failed_internal >= 1 and rejected >= 1  # queue of 1 overflowed; the poison batch failed
+    assert failed_input == 1 and rejected >= 1  # queue of 1 overflowed; the poison request failed
     assert got["serve_kit_requests_total"][f'{{{lab},status="200"}}'] == succeeded
-    assert got["serve_kit_requests_total"][f'{{{lab},status="500"}}'] == failed_internal
+    assert got["serve_kit_requests_total"][f'{{{lab},status="400"}}'] == failed_input
     assert got["serve_kit_request_failures_total"][f'{{{lab},status="503"}}'] == rejected
     assert got["serve_kit_inferences_total"][f"{{{lab}}}"] == stats["model_stats"][0]["inference_count"]
 
@@ -102,7 +103,7 @@ def test_counters_survive_a_reload(tmp_path, with_failures):
             for _ in range(3):
                 await m.infer(InferRequest("p", {"x": np.ones((1, 4), np.float32)}))
             if with_failures:
-                with pytest.raises(Internal):
+                with pytest.raises(BadRequest):
                     await m.infer(InferRequest("p", {"x": -np.ones((1, 4), np.float32)}))
             await m.load("p")  # same version, reloaded: a new scheduler
             await asyncio.sleep(0.05)
@@ -113,4 +114,4 @@ def test_counters_survive_a_reload(tmp_path, with_failures):
     assert got["serve_kit_requests_total"]['{model="p",version="1",status="200"}'] == 4
     assert stats["model_stats"][0]["inference_stats"]["success"]["count"] == 4
     if with_failures:
-        assert got["serve_kit_request_failures_total"]['{model="p",version="1",status="500"}'] == 1
+        assert got["serve_kit_request_failures_total"]['{model="p",version="1",status="400"}'] == 1
