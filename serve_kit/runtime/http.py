@@ -340,6 +340,8 @@ class _Connection(asyncio.Protocol):
         self._body_left: int | None = None  # Content-Length bytes still to come (None: chunked)
         self._head_used = 0     # bytes of the current head received so far
         self._boundary = False  # a head ended during the last feed
+        self._body_seen = False  # body data came during the last feed
+        self._framing = 0       # chunked-body bytes since the last body data (sizes, extensions, trailers)
         self._close_when_done = False  # close once the answers owed are written (EOF, upgrade)
         # (Response | (future, finish), keep_alive), in request order, not written yet
         self._answers: deque = deque()
@@ -384,8 +386,10 @@ class _Connection(asyncio.Protocol):
                 in_head = not self._in_body
                 if in_head:
                     room = max_head - self._head_used
-                elif self._too_large or self._body_left is None:
-                    room = len(data)  # a body being discarded, or a chunked one: as it comes
+                elif self._body_left is None:
+                    # Chunked: chunk-size lines, extensions and trailers are head-like text the
+                    # parser accumulates too; bytes with no body data among them count alike.
+                    room = max_head - self._framing
                 else:
                     room = self._body_left  # exactly the body, so the next head is counted from its start
                 if room >= len(data):
@@ -393,7 +397,7 @@ class _Connection(asyncio.Protocol):
                 else:
                     view = memoryview(data)
                     chunk, data = view[:room], view[room:]
-                self._boundary = False
+                self._boundary = self._body_seen = False
                 self.parser.feed_data(chunk)
                 if self._failed:
                     return
@@ -401,6 +405,12 @@ class _Connection(asyncio.Protocol):
                     self._head_used += len(chunk)
                     if self._head_used >= max_head and not self._in_body:
                         self._head_too_large()
+                        return
+                elif not in_head and self._in_body and self._body_left is None and not self._body_seen:
+                    self._framing += len(chunk)
+                    if self._framing >= max_head:
+                        self._fail(431, f"the chunked body's framing or trailers are over the server's limit "
+                                        f"of {max_head} bytes without body data (--max-head-kb)")
                         return
         except httptools.HttpParserUpgrade:
             # `Upgrade:` (websocket, h2c) or CONNECT: the request itself was dispatched (and is
@@ -458,6 +468,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self):
         self._in_body = self._boundary = True
+        self._framing = 0
         headers = self._headers
         server = self.server
         # A body that is all JSON is parsed whole on the loop: it has a lower limit than a body
@@ -485,6 +496,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):
+        self._body_seen, self._framing = True, 0
         if self._body_left is not None:
             self._body_left -= len(body)
         if self._too_large:

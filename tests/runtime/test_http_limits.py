@@ -123,7 +123,7 @@ def test_header_count_is_bounded_at_the_limit(server, count):
 
 
 @CASES
-@given(sizes=st.lists(st.integers(0, 2000), min_size=1, max_size=40), url=st.integers(1, 3000))
+@given(sizes=st.lists(st.integers(0, 9000), min_size=1, max_size=12), url=st.integers(1, 3000))
 def test_any_head_is_answered_by_its_size(server, sizes, url):
     """Heads of every composition (URL, many headers of any size): 200/404 when within every
     limit, 414/431 when over one, never a 5xx or no answer at all."""
@@ -373,7 +373,8 @@ def _rss() -> int:
 def test_a_flooding_client_does_not_stall_a_well_behaved_one(server):
     """One hostile client streams heads as fast as it can (reconnecting whenever cut off) and sends
     JSON bodies over the JSON limit; a well-behaved client's requests meanwhile keep their answers:
-    p99 under 2 s (generous: the machine is shared), every one correct."""
+    p99 under 2 s (generous: the machine is shared), every one correct, over 4 s of flood (long
+    enough for an unbounded head to grow to hundreds of MB and every append to it to copy that)."""
     stop = threading.Event()
     flooded = [0]
 
@@ -400,12 +401,16 @@ def test_a_flooding_client_does_not_stall_a_well_behaved_one(server):
     flooder.start()
     try:
         assert wait_until(lambda: flooded[0] > 10, timeout=T)
-        latencies = [infer_ok(server.port) for _ in range(100)]
+        time.sleep(1.0)
+        latencies, t0 = [], time.monotonic()
+        while time.monotonic() - t0 < 4.0 or len(latencies) < 20:
+            latencies.append(infer_ok(server.port))
     finally:
         stop.set()
         flooder.join(T)
     latencies.sort()
-    assert latencies[98] < 2.0, f"p99 {latencies[98]:.3f} s while flooded (p50 {latencies[50]:.3f} s)"
+    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    assert p99 < 2.0, f"p99 {p99:.3f} s while flooded (p50 {p50:.3f} s, {len(latencies)} requests)"
 
 
 def test_memory_stays_bounded_across_hostile_connections(server):
@@ -430,3 +435,26 @@ def test_memory_stays_bounded_across_hostile_connections(server):
         for s in held:
             s.close()
     infer_ok(server.port)
+
+
+def test_chunked_framing_and_trailers_are_bounded_like_a_head(server):
+    """A chunked body whose last chunk is followed by an endless trailer (or an endless chunk
+    extension) is cut off like an endless header; a body of many tiny chunks is not."""
+    for tail in (b"0\r\nX-Trailer: ", b"1;ext="):
+        with RawConnection(server.port, T) as c:
+            c.send(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"2\r\n{}\r\n" + tail)
+            try:
+                for _ in range(64):
+                    c.sock.sendall(b"t" * 4096)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            try:
+                r = c.read_response()
+                assert r.status == 431, r
+            except (ConnectionResetError, ConnectionError):
+                pass  # the answer may be lost to a reset: the client sent data the server never read
+    tiny = b"".join(b"1\r\n \r\n" for _ in range(20_000)) + b"2\r\n{}\r\n0\r\n\r\n"
+    with RawConnection(server.port, T) as c:
+        c.send(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + tiny)
+        assert c.read_response().status == 200
