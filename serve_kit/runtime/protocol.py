@@ -944,7 +944,8 @@ def decode_infer_response(body: bytes | memoryview, header_length: int | None) -
     version = doc.get("model_version")
     return InferResponse(
         model=str(doc.get("model_name", "")),
-        version=int(version) if type(version) is str and version.isdigit() else 0,
+        version=int(version) if type(version) is str and version.isascii() and version.isdigit()
+        and len(version) <= 19 else 0,
         outputs=arrays,
         id=doc.get("id"),
         parameters=doc.get("parameters") or {},
