@@ -333,6 +333,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._limit = max_body     # this request's body limit (JSON bodies have a lower one)
+        self._json_part: int | None = None  # Inference-Header-Content-Length, when it is a number
         self._too_large = False
         self._answered = False  # this message got its (413) answer before its body
         self._failed = False    # unparseable input: nothing after it is read
@@ -343,6 +344,8 @@ class _Connection(asyncio.Protocol):
         self._body_seen = False  # body data came during the last feed
         self._framing = 0       # chunked-body bytes since the last body data (sizes, extensions, trailers)
         self._close_when_done = False  # close once the answers owed are written (EOF, upgrade)
+        self._upgrade_body: bytearray | None = None  # the body of an Upgrade request, arriving
+        self._upgrade_request: tuple = ()
         # (Response | (future, finish), keep_alive), in request order, not written yet
         self._answers: deque = deque()
         self._paused = False    # reading paused: too many pipelined answers owed
@@ -369,6 +372,7 @@ class _Connection(asyncio.Protocol):
         transport open). A partly received request can never complete: it is dropped."""
         self._failed = True
         self._reading_since = 0.0
+        self._upgrade_body = None
         if not self._answers:
             return False  # nothing owed: the transport closes itself
         self._close_when_done = True
@@ -378,9 +382,13 @@ class _Connection(asyncio.Protocol):
         import httptools
 
         if self._failed:
+            if self._upgrade_body is not None:
+                self._heard = self.server.now()
+                self._take_upgrade_body(data)
             return
         self._heard = self.server.now()
         max_head = self.server.max_head
+        chunk = b""
         try:
             while data:
                 in_head = not self._in_body
@@ -412,21 +420,41 @@ class _Connection(asyncio.Protocol):
                         self._fail(431, f"the chunked body's framing or trailers are over the server's limit "
                                         f"of {max_head} bytes without body data (--max-head-kb)")
                         return
-        except httptools.HttpParserUpgrade:
-            # `Upgrade:` (websocket, h2c) or CONNECT: the request itself was dispatched (and is
-            # answered, with Connection: close); what follows it is another protocol, not read.
+        except httptools.HttpParserUpgrade as e:
+            # `Upgrade:` (websocket, h2c) or CONNECT: the upgrade is declined, the request itself
+            # is answered (with Connection: close) and what follows it, another protocol, is not
+            # read. The parser skips the body of an upgrade request, so a body it declared (curl
+            # --http2 sends `Upgrade: h2c` with its POSTs) is taken here, by its Content-Length.
             if not self._failed:
                 self._failed = True
+                if self._upgrade_body is not None:
+                    rest = bytes(chunk[e.args[0]:]) + bytes(data) if e.args else bytes(data)
+                    self._take_upgrade_body(rest)
+                    return
                 self._reading_since = 0.0
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.pause_reading()
-                if self._answers:
-                    self._close_when_done = True
-                elif self.transport is not None:
-                    self.transport.close()
+                self._end_after_answers()
         except httptools.HttpParserError as e:
             if not self._failed:  # else a callback failed it (and raised _Stop to end the feed)
                 self._fail(400, f"malformed HTTP request: {e}")
+
+    def _end_after_answers(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        if self._answers:
+            self._close_when_done = True
+        elif self.transport is not None:
+            self.transport.close()
+
+    def _take_upgrade_body(self, data: bytes) -> None:
+        """The body of a request with `Upgrade:` (see data_received), then its dispatch."""
+        body, (method, url, headers, length) = self._upgrade_body, self._upgrade_request
+        body += data[:length - len(body)]
+        if len(body) < length:
+            return
+        self._upgrade_body = None
+        self._reading_since = 0.0
+        self._dispatch(method, url, headers, bytes(body), False)
+        self._end_after_answers()
 
     def _head_too_large(self) -> None:
         limit = self.server.max_head
@@ -474,17 +502,19 @@ class _Connection(asyncio.Protocol):
         # A body that is all JSON is parsed whole on the loop: it has a lower limit than a body
         # of binary tensors, whose JSON part is bounded alike.
         json_part = headers.get("inference-header-content-length")
+        self._json_part = None
         if json_part is None:
             self._limit = min(self.max_body, server.max_json)
-        elif json_part.isascii() and json_part.isdigit() and len(json_part) <= 18 \
-                and int(json_part) > server.max_json:
-            self._too_large = True
+        elif json_part.isascii() and json_part.isdigit() and len(json_part) <= 18:
+            self._json_part = int(json_part)  # checked against the limit once the body size is known
         length = headers.get("content-length")
         self._body_left = None
         if length is not None and "transfer-encoding" not in headers and length.isascii() and length.isdigit():
             # llhttp has checked it (digits, no overflow); 0 never gets here as a body to read
             self._body_left = int(length) or None
             if self._body_left and self._body_left > self._limit:
+                self._too_large = True
+            if self._json_part is not None and server.max_json < self._json_part <= int(length):
                 self._too_large = True
         if headers.get("expect", "").lower() == "100-continue":
             # curl and others wait (curl: 1 s) for this before sending a large body. When the body
@@ -514,7 +544,10 @@ class _Connection(asyncio.Protocol):
         self._head_used = 0
         if self._answered:
             return
-        keep_alive = self.parser.should_keep_alive() and not self.parser.should_upgrade()
+        upgrade = self.parser.should_upgrade()
+        keep_alive = self.parser.should_keep_alive() and not upgrade
+        if self._json_part is not None and self.server.max_json < self._json_part <= self._size:
+            self._too_large = True  # a chunked body's JSON part (a length past the body is a 400)
         if self._too_large:
             self._enqueue(self._too_large_response(), False)
             return
@@ -524,7 +557,14 @@ class _Connection(asyncio.Protocol):
         if method == b"CONNECT":  # a proxy's method, never one of ours
             self._enqueue(not_allowed("GET, POST", "CONNECT is not supported: this is not a proxy"), False)
             return
-        answer = self.frontend.dispatch(Request(method.decode(), url.decode("latin-1"), self._headers, body))
+        if upgrade and self._body_left and not body:
+            self._upgrade_body, self._upgrade_request = bytearray(), (method, url, self._headers, self._body_left)
+            self._reading_since = self.server.now()  # the body still has to arrive, in time
+            return
+        self._dispatch(method, url, self._headers, body, keep_alive)
+
+    def _dispatch(self, method: bytes, url: bytes, headers: dict, body: bytes, keep_alive: bool) -> None:
+        answer = self.frontend.dispatch(Request(method.decode(), url.decode("latin-1"), headers, body))
         if type(answer) is tuple:
             fut = answer[0]
             self.server.in_flight.add(fut)
@@ -628,7 +668,7 @@ class _Connection(asyncio.Protocol):
         whole request within the read timeout, and no gap between two chunks of it longer than the
         idle timeout) or sits idle past the keep-alive timeout, so that slow or forgotten clients
         cannot hold the server's connections (and memory) forever."""
-        if self.transport is None or self.transport.is_closing() or self._failed:
+        if self.transport is None or self.transport.is_closing() or (self._failed and self._upgrade_body is None):
             return
         server = self.server
         if self._reading_since and now - self._reading_since > server.read_timeout:
@@ -641,6 +681,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, status: int, message: str):
         """Answer unparseable input after the answers already owed, then close."""
         self._failed = True
+        self._upgrade_body = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
         self._enqueue(json_response({"error": message}, status), False)

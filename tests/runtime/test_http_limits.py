@@ -249,6 +249,24 @@ def test_upgrade_and_connect_get_exactly_one_answer(server, head, status):
         assert c.buf == b"", f"a second, unsolicited answer: {c.buf[:200]!r}"
 
 
+def test_a_post_with_upgrade_is_answered_with_its_body(server):
+    """`Upgrade: h2c` on a POST (curl --http2 on http://): the upgrade is declined, the request is
+    answered over HTTP/1.1 with its body (the parser skips an upgrade request's body), once."""
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    body, headers = protocol.encode_infer_request({"x": x}, binary=False)
+    head = (f"POST /v2/models/ident/infer HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            f"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    for parts in ([head + body], [head, body[:10], body[10:]]):
+        with RawConnection(server.port, T) as c:
+            for part in parts:
+                c.send(part)
+                time.sleep(0.05)
+            r = c.read_response()
+            assert r.status == 200 and r.headers["connection"] == "close", r
+            assert protocol.decode_infer_response(r.body, None).outputs["y"].tolist() == x.tolist()
+            assert c.closed_by_peer() and c.buf == b""
+
+
 # ---------------------------------------------------------------------------------------------
 # Versions
 
