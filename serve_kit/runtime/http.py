@@ -435,7 +435,11 @@ class _Connection(asyncio.Protocol):
                 self._end_after_answers()
         except httptools.HttpParserError as e:
             if not self._failed:  # else a callback failed it (and raised _Stop to end the feed)
-                self._fail(400, f"malformed HTTP request: {e}")
+                if "PRI" in str(e):  # HTTP/2's connection preface (prior knowledge, h2c)
+                    self._fail(400, "malformed HTTP request: HTTP/2 is not served on this port; use HTTP/1.1 "
+                                    "(gRPC has its own port)")
+                else:
+                    self._fail(400, f"malformed HTTP request: {e}")
 
     def _end_after_answers(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

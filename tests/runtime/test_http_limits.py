@@ -239,6 +239,7 @@ def test_a_half_closed_client_gets_its_answers(server):
     (b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
      b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", 200),
     (b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n", 405),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),  # HTTP/2 with prior knowledge
 ])
 def test_upgrade_and_connect_get_exactly_one_answer(server, head, status):
     with RawConnection(server.port, T) as c:
