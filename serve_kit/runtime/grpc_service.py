@@ -405,6 +405,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._authorize(context)
         if not model:
             raise BadRequest(f"{action}: model_name is empty")
+        protocol.check_model_name(model, action)
         # Triton's config and file overrides would serve something the repository does not hold
         # (unverified by any manifest); serve-kit serves only what the repository vouches for.
         unsupported = sorted(k for k in params if k != "unload_dependents")

@@ -269,6 +269,7 @@ class Frontend:
         # Constant-time: how long a wrong guess takes must not tell how much of it was right.
         if not hmac.compare_digest(given, f"Bearer {self.management_token}".encode("utf-8", "surrogatepass")):
             return json_response({"error": "missing or wrong management token (Authorization: Bearer TOKEN)"}, 401)
+        protocol.check_model_name(model, action)
         params = _body_object(req.body, action).get("parameters") or {}
         if type(params) is not dict:
             raise BadRequest(f"{action}: 'parameters' must be a JSON object")

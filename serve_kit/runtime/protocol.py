@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from itertools import chain
 from typing import Any, Iterable, Mapping, NoReturn, Sequence
@@ -115,6 +116,19 @@ def parse_version(text: str | None) -> int | None:
     if not 1 <= value <= MAX_VERSION:
         _fail(f"model version must be an integer in 1..{MAX_VERSION}, got {_q(text)}")
     return value
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")  # ModelConfig.name's pattern, bounded
+
+
+def check_model_name(name: str, what: str) -> str:
+    """`name` when it is a model name (what ModelConfig.name allows: no `..`, no `/`, no absolute
+    path, at most 255 characters), else BadRequest. The frontends check the names of load and
+    unload requests with it before the manager sees them."""
+    if type(name) is not str or not _MODEL_NAME.fullmatch(name):
+        _fail(f"{what}: {_q(name)} is not a model name (letters, digits, '_', '.', '-', starting with a "
+              "letter or digit)")
+    return name
 
 
 def parse_length(text: str | None, what: str) -> int | None:

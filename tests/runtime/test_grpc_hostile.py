@@ -195,3 +195,22 @@ def test_serve_gives_grpc_the_same_body_limit_as_http(tmp_path):
             assert_serving(stub)
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("name", ["..", "/etc", "../x", ".hidden", "a" * 300])
+def test_load_and_unload_take_model_names_only(server, name):
+    async def managed():
+        return await serve_grpc(server.manager, port=0, management_token="t0ken")
+
+    s = server.call(managed(), timeout=T)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            for call, req in ((stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=name)),
+                              (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=name))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(req, metadata=[("authorization", "Bearer t0ken")], timeout=T)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "is not a model name" in e.value.details()
+    finally:
+        server.call(s.stop(1), timeout=T)

@@ -491,3 +491,19 @@ def test_chunked_framing_and_trailers_are_bounded_like_a_head(server):
     with RawConnection(server.port, T) as c:
         c.send(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + tiny)
         assert c.read_response().status == 200
+
+
+@pytest.mark.parametrize("name", ["..", "%2e%2e", ".hidden", "-x", "a" * 300, "a%2Fb"])
+def test_load_and_unload_take_model_names_only(repo, name):
+    """With the management token, load/unload of anything but a model name is 400 from the
+    frontend, before the manager looks for it on disk."""
+    srv = InProcessServer(repo, management_token="t0ken").start()
+    try:
+        for action in ("load", "unload"):
+            r = request(srv.port, "POST", f"/v2/repository/models/{name}/{action}", b"",
+                        {"Authorization": "Bearer t0ken"}, T)
+            assert r.status == 400 and "is not a model name" in r.json()["error"], r
+            assert "/tmp" not in r.json()["error"] and str(repo) not in r.json()["error"]
+        infer_ok(srv.port)
+    finally:
+        srv.stop()
