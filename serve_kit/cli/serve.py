@@ -31,6 +31,26 @@ def serve(
         help="Queue-time bound: a request not started after this many ms is shed with 503 + Retry-After "
              "(gRPC UNAVAILABLE), early when the queue ahead is already longer; 0 = off. Triton has no "
              "default (queue policy timeouts are opt-in); 2 s is far above a keeping-up server's queue time."),
+    # Request limits (issue 13): the defaults are those of the servers named in each help.
+    read_idle_timeout: float = typer.Option(10.0, "--read-idle-timeout", min=0.1,
+                                            help="Seconds a partly received HTTP request may go without data, else 408 "
+                                                 "(a per-read timer like nginx's client_body_timeout)."),
+    max_json_mb: float = typer.Option(6.25, "--max-json-mb", min=0.001,
+                                      help="Largest all-JSON HTTP body, and JSON part of a binary one, else 413 "
+                                           "(TorchServe's max_request_size, 6,553,500 bytes); send tensors as binary "
+                                           "data for more, up to --max-body-mb."),
+    max_url_kb: float = typer.Option(8.0, "--max-url-kb", min=0.1,
+                                     help="Longest HTTP request URL, else 414 (nginx's large_client_header_buffers, 8k)."),
+    max_header_kb: float = typer.Option(8.0, "--max-header-kb", min=0.1,
+                                        help="Longest HTTP header line, else 431 (nginx's large_client_header_buffers, 8k)."),
+    max_headers: int = typer.Option(100, "--max-headers", min=1,
+                                    help="Most HTTP header lines, else 431 (Apache's LimitRequestFields, 100)."),
+    max_head_kb: float = typer.Option(16.0, "--max-head-kb", min=0.1,
+                                      help="Largest HTTP request head (request line and headers), else 431 "
+                                           "(Node's --max-http-header-size and h11's limit, 16 KiB)."),
+    max_grpc_metadata_kb: float = typer.Option(8.0, "--max-grpc-metadata-kb", min=0.1,
+                                               help="Largest gRPC request metadata, else RESOURCE_EXHAUSTED "
+                                                    "(gRPC's own default, 8 KiB)."),
     enable_management: bool = typer.Option(False, "--enable-management",
                                            help="Enable the repository extension's load/unload (needs a token)."),
     management_token: Optional[str] = typer.Option(None, "--management-token", envvar="SERVE_KIT_MANAGEMENT_TOKEN",
@@ -85,6 +105,10 @@ def serve(
                            grpc_port=None if no_grpc else grpc_port, max_body_bytes=int(max_body_mb * 1024 * 1024),
                            exit_timeout=exit_timeout, read_timeout=read_timeout,
                            keep_alive_timeout=keep_alive_timeout, max_queue_ms=max_queue_ms,
+                           read_idle_timeout=read_idle_timeout, max_json_bytes=round(max_json_mb * 1024 * 1024),
+                           max_url_bytes=round(max_url_kb * 1024), max_header_bytes=round(max_header_kb * 1024),
+                           max_headers=max_headers, max_head_bytes=round(max_head_kb * 1024),
+                           max_grpc_metadata_bytes=round(max_grpc_metadata_kb * 1024),
                            management_token=management_token if enable_management else None, on_ready=ready,
                            max_metadata_bytes=int(max_metadata_mb * 1024 * 1024),
                            max_samples_bytes=int(max_samples_mb * 1024 * 1024))

@@ -40,7 +40,11 @@ SERVER_NAME = "serve-kit"
 EXTENSIONS = ["model_configuration", "statistics", "model_repository", "schedule_policy"]
 """Triton extensions this service implements (binary_tensor_data and metrics are HTTP's)."""
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""Largest request or response message. gRPC's own default (4 MiB) is too small for batches."""
+"""Largest request or response message. gRPC's own default (4 MiB) is too small for batches;
+`serve` passes --max-body-mb, so that both frontends take the same largest request."""
+MAX_METADATA_BYTES = 8 * 1024
+"""Largest request metadata (headers), gRPC's own default (8 KiB), set explicitly: over it the
+call fails with RESOURCE_EXHAUSTED before any handler runs."""
 
 # Where each datatype's values travel in InferTensorContents. FP16 has no typed form.
 _CONTENTS_FIELD = {
@@ -80,13 +84,7 @@ def _code(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, name, grpc.StatusCode.INTERNAL)
 
 
-def _version(text: str) -> int | None:
-    """The request's version string: empty = the server picks."""
-    if text == "":
-        return None
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise BadRequest(f"model version must be a positive integer, got {_short(text)}")
-    return int(text)
+_version = protocol.parse_version  # the same versions accepted and refused as over HTTP
 
 
 def _parameter_value(p: pb.InferParameter) -> Any:
@@ -243,7 +241,8 @@ def _failure(e: Exception, what: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, ServeKitError):  # the user's problem (e.g. a model that fails to load)
         return grpc.StatusCode.INVALID_ARGUMENT, e.render()
     log.error("gRPC %s failed", what, exc_info=e)  # a bug: answer INTERNAL, keep serving
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+    # The exception's text can name server paths; the client gets its type, the log the rest.
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the details are in the server's log"
 
 
 def _unary(method):
@@ -341,6 +340,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(self.max_stream_inflight)
 
         async def one(request: pb.ModelInferRequest) -> None:
+            if isinstance(request, _DecodeFailed):  # one undecodable message: its answer, the stream goes on
+                slots.release()
+                await results.put(pb.ModelStreamInferResponse(error_message=str(request)))
+                return
             try:
                 out = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except asyncio.CancelledError:
@@ -405,6 +408,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._authorize(context)
         if not model:
             raise BadRequest(f"{action}: model_name is empty")
+        protocol.check_model_name(model, action)
         # Triton's config and file overrides would serve something the repository does not hold
         # (unverified by any manifest); serve-kit serves only what the repository vouches for.
         unsupported = sorted(k for k in params if k != "unload_dependents")
@@ -423,8 +427,68 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
+class _DecodeFailed(Exception):
+    """A request message that is not the protobuf its method takes."""
+
+
+def _parsing(cls):
+    """A request deserializer that turns undecodable bytes into _DecodeFailed (INVALID_ARGUMENT),
+    where gRPC's own handling of a failed deserializer answers UNKNOWN."""
+    def parse(raw: bytes):
+        try:
+            return cls.FromString(raw)
+        except Exception as e:  # noqa: BLE001 - DecodeError, and whatever a hostile message raises
+            return _DecodeFailed(f"the request is not a valid {cls.DESCRIPTOR.full_name} message: {e}")
+    return parse
+
+
+def _checked_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with its request deserializer from _parsing and a behaviour that answers a
+    _DecodeFailed request with INVALID_ARGUMENT (unary) or an error response (stream)."""
+    deserializer = handler.request_deserializer
+    cls = getattr(deserializer, "__self__", None)  # bound FromString of the request class
+    if cls is None:
+        return handler
+    if handler.unary_unary is not None:
+        behaviour = handler.unary_unary
+
+        async def unary(request, context):
+            if isinstance(request, _DecodeFailed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+            return await behaviour(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_parsing(cls),
+                                                   response_serializer=handler.response_serializer)
+    if handler.stream_stream is not None:
+        behaviour = handler.stream_stream
+        return grpc.stream_stream_rpc_method_handler(behaviour, request_deserializer=_parsing(cls),
+                                                     response_serializer=handler.response_serializer)
+    return handler
+
+
+class _Handlers:
+    """Collects what the generated add_*_to_server registers, to wrap it (see _checked_handler)."""
+
+    def __init__(self):
+        self.handlers: list = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        pass  # the generic handler above carries the same methods
+
+
+def _service_handler(servicer) -> grpc.GenericRpcHandler:
+    captured = _Handlers()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    (generic,) = captured.handlers
+    methods = {name.rsplit("/", 1)[1]: _checked_handler(h) for name, h in generic._method_handlers.items()}
+    return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", methods)
+
+
 async def serve_grpc(manager, host: str = "127.0.0.1", port: int = 8001, management_token: str | None = None,
-                     *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> aio.Server:
+                     *, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                     max_metadata_bytes: int = MAX_METADATA_BYTES) -> aio.Server:
     """Start the gRPC service on `host:port` (port 0 = any free port) and return the running server.
 
     The bound port is `server.port`. Stop it with `await server.stop(grace_seconds)`: new calls
@@ -433,11 +497,12 @@ async def serve_grpc(manager, host: str = "127.0.0.1", port: int = 8001, managem
     server = aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_metadata_size", max_metadata_bytes),
         # gRPC sets SO_REUSEPORT by default on Linux, which lets a second server bind a port that
         # is in use and silently take half its connections; a busy port must be an error.
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(manager, management_token), server)
+    server.add_generic_rpc_handlers((_service_handler(InferenceServicer(manager, management_token)),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

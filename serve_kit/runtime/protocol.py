@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from itertools import chain
 from typing import Any, Iterable, Mapping, NoReturn, Sequence
@@ -52,6 +53,12 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_MAX_ELEMENTS = 1 << 28
 """Largest element count accepted for one input tensor (1 GiB of FP32)."""
 MAX_RANK = 64
+MAX_VERSION = (1 << 63) - 1
+"""Largest model version (Triton's versions are int64): longer version text is refused before
+int() sees it, so a 5,000-digit version is a 400, not Python's int-size guard (a 500)."""
+TEXT_BYTES_BACKENDS = frozenset({"onnxruntime"})
+"""Backends whose BYTES tensors are text (ONNX Runtime's tensor(string)): their BYTES inputs must
+be UTF-8, checked per request in decode so that one bad request never fails a batch."""
 PROTOCOL_EXTENSIONS = ("binary_tensor_data", "model_configuration", "schedule_policy")
 """Server-metadata extensions this codec implements."""
 
@@ -93,6 +100,69 @@ _PY_TO_JSON = {type(None): "null", bool: "boolean", int: "integer", float: "numb
 def _jtype(value: object) -> str:
     """The JSON type name of a parsed value, for error messages."""
     return _PY_TO_JSON.get(type(value), type(value).__name__)
+
+
+def parse_version(text: str | None) -> int | None:
+    """A model version as a client wrote it (URL segment, gRPC `model_version` / `version`).
+
+    Empty or None: the server picks. Otherwise ASCII digits of a value in 1..MAX_VERSION, else
+    BadRequest; whether that version is serving is the manager's to say (404). Shared by the HTTP
+    and gRPC frontends so that both accept and refuse the same versions."""
+    if text is None or text == "":
+        return None
+    if type(text) is not str or len(text) > 19 or not text.isascii() or not text.isdigit():
+        _fail(f"model version must be an integer in 1..{MAX_VERSION}, got {_q(text)}")
+    value = int(text)
+    if not 1 <= value <= MAX_VERSION:
+        _fail(f"model version must be an integer in 1..{MAX_VERSION}, got {_q(text)}")
+    return value
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")  # ModelConfig.name's pattern, bounded
+
+
+def check_model_name(name: str, what: str) -> str:
+    """`name` when it is a model name (what ModelConfig.name allows: no `..`, no `/`, no absolute
+    path, at most 255 characters), else BadRequest. The frontends check the names of load and
+    unload requests with it before the manager sees them."""
+    if type(name) is not str or not _MODEL_NAME.fullmatch(name):
+        _fail(f"{what}: {_q(name)} is not a model name (letters, digits, '_', '.', '-', starting with a "
+              "letter or digit)")
+    return name
+
+
+def parse_length(text: str | None, what: str) -> int | None:
+    """A non-negative byte count from a header a client wrote (None when absent): ASCII digits
+    only, at most 18 of them (int() would accept ' 12', '+5' and '1_0', and raise on 5,000 digits)."""
+    if text is None:
+        return None
+    if len(text) > 18 or not text.isascii() or not text.isdigit():
+        _fail(f"{what} must be a non-negative integer, got {_q(text)}")
+    return int(text)
+
+
+def check_text(name: str, arr: np.ndarray, config: ModelConfig) -> None:
+    """BadRequest unless every element of a BYTES input is UTF-8, when the model's backend takes
+    BYTES as text (TEXT_BYTES_BACKENDS). A per-request check, made before the scheduler sees it."""
+    if config.backend not in TEXT_BYTES_BACKENDS or arr.dtype != object:
+        return
+    items = arr.ravel().tolist()
+    try:
+        for item in items:
+            str(item, "utf-8")
+    except (UnicodeDecodeError, TypeError) as e:
+        index = next(i for i, x in enumerate(items) if not _is_utf8(x))
+        reason = e.reason if isinstance(e, UnicodeDecodeError) else "not bytes"
+        _fail(f"input {name!r}: BYTES element {index} is not UTF-8 text ({reason}), which model "
+              f"{config.name!r} ({config.backend}) takes as a string; send UTF-8")
+
+
+def _is_utf8(x: object) -> bool:
+    try:
+        str(x, "utf-8")
+        return True
+    except (UnicodeDecodeError, TypeError):
+        return False
 
 
 def element_count(shape: Sequence[int]) -> int:
@@ -190,6 +260,8 @@ def check_inputs(inputs: Iterable[tuple[str, str, np.ndarray]], config: ModelCon
         check_input(name, datatype, arr.shape, config, max_elements=max_elements)
         if not _dtype_fits(arr.dtype, datatype):
             _fail(f"input {name!r}: array of dtype {arr.dtype} does not hold {datatype} data")
+        if datatype == "BYTES":
+            check_text(name, arr, config)
         by_name[name] = arr
     _check_batch_sizes({n: a.shape for n, a in by_name.items()}, config)
     return {t.name: by_name[t.name] for t in config.inputs}
@@ -317,21 +389,32 @@ def array_to_bytes(arr: np.ndarray, datatype: str) -> bytes:
 def _loads(raw: bytes | memoryview, what: str = "request") -> Any:
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as e:
+        error = e
     # orjson is strict JSON. Clients written in Python send NaN/Infinity for non-finite floats and
-    # Triton accepts them, so the stdlib parser (which does too) gets a second look. Anything it
-    # rejects as well is a malformed request; its message carries the position.
+    # Triton accepts them, so the stdlib parser (which does too) gets a second look, but only when
+    # orjson stopped at such a token or at a number it cannot hold (an integer over 64 bits, which
+    # the input's datatype then refuses by name): any other malformed body is answered from
+    # orjson's error, without a second, slower parse of the whole body on the event loop (small
+    # bodies get it anyway: its messages, e.g. for a lone surrogate, name the input).
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
         _fail(f"the {what}'s JSON is not valid UTF-8 (bad byte at offset {e.start})")
+    if "depth limit" in str(error) or "recursion" in str(error):
+        _fail(f"the {what}'s JSON is nested too deeply")
+    if len(text) > _ANY_FALLBACK and not text.startswith(_NONFINITE_TOKENS, error.pos):
+        _fail(f"the {what} is not valid JSON: {error}")
     try:
         return json.loads(text)
     except RecursionError:
         _fail(f"the {what}'s JSON is nested too deeply")
     except ValueError as e:
         _fail(f"the {what} is not valid JSON: {e}")
+
+
+_NONFINITE_TOKENS = ("NaN", "Infinity", *"-0123456789")  # orjson stops at the token, after any sign
+_ANY_FALLBACK = 64 * 1024  # chars: bodies up to this size get the stdlib's second look whatever failed
 
 
 def _flatten(data: list, shape: list[int], name: str) -> list:
@@ -613,6 +696,8 @@ class _HeaderPlan:
                 _fail(f"input {name!r}: binary_data_size {size} runs past the end of the body "
                       f"({total - offset} bytes of binary data are left)")
             arrays[name] = array_from_bytes(view[offset:offset + size], datatype, shape, name=name)
+            if datatype == "BYTES":
+                check_text(name, arrays[name], config)
             offset += size
         if offset != total:
             _fail(f"{total - offset} bytes after the JSON header are not claimed by any input's "
@@ -873,7 +958,8 @@ def decode_infer_response(body: bytes | memoryview, header_length: int | None) -
     version = doc.get("model_version")
     return InferResponse(
         model=str(doc.get("model_name", "")),
-        version=int(version) if type(version) is str and version.isdigit() else 0,
+        version=int(version) if type(version) is str and version.isascii() and version.isdigit()
+        and len(version) <= 19 else 0,
         outputs=arrays,
         id=doc.get("id"),
         parameters=doc.get("parameters") or {},

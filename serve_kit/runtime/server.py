@@ -27,6 +27,21 @@ class ServeOptions:
     """Seconds a client may take to send one whole HTTP request once it started (else 408)."""
     keep_alive_timeout: float = 75.0
     """Seconds an idle HTTP keep-alive connection stays open."""
+    # Request limits of the frontends (issue 13); each default's source is in http.DEFAULT_*.
+    read_idle_timeout: float = 10.0
+    """Seconds a partly received HTTP request may go without data (else 408)."""
+    max_json_bytes: int = 6_553_600
+    """Largest all-JSON HTTP body, and JSON part of a binary one (else 413)."""
+    max_url_bytes: int = 8 * 1024
+    """Longest HTTP request URL (else 414)."""
+    max_header_bytes: int = 8 * 1024
+    """Longest HTTP header line (else 431)."""
+    max_headers: int = 100
+    """Most HTTP header lines (else 431)."""
+    max_head_bytes: int = 16 * 1024
+    """Largest HTTP request head, request line and headers (else 431)."""
+    max_grpc_metadata_bytes: int = 8 * 1024
+    """Largest gRPC request metadata (gRPC's own default, 8 KiB; else RESOURCE_EXHAUSTED)."""
     management_token: str | None = None
     """When set, the repository extension's load/unload is enabled and needs this bearer token."""
     # -- repository limits (serve_kit.repository.Limits; a repository is input too) --
@@ -76,11 +91,17 @@ async def serve(options: ServeOptions, stop: asyncio.Event | None = None) -> int
     try:
         http = await HttpServer(frontend, options.host, options.http_port, options.max_body_bytes,
                                 read_timeout=options.read_timeout,
-                                keep_alive_timeout=options.keep_alive_timeout).start()
+                                keep_alive_timeout=options.keep_alive_timeout,
+                                read_idle_timeout=options.read_idle_timeout, max_json=options.max_json_bytes,
+                                max_url=options.max_url_bytes, max_header=options.max_header_bytes,
+                                max_headers=options.max_headers, max_head=options.max_head_bytes).start()
         if options.grpc_port is not None:
             from .grpc_service import serve_grpc
 
-            grpc_server = await serve_grpc(manager, options.host, options.grpc_port, options.management_token)
+            # One body limit for both frontends: a gRPC message is the body of a gRPC request.
+            grpc_server = await serve_grpc(manager, options.host, options.grpc_port, options.management_token,
+                                           max_message_bytes=options.max_body_bytes,
+                                           max_metadata_bytes=options.max_grpc_metadata_bytes)
     except OSError as e:  # a port in use, an address not on this host: the user's to fix, not a bug
         origin = "--http-port" if http is None else "--grpc-port"
         if http is not None:
