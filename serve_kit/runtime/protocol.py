@@ -118,14 +118,13 @@ def parse_version(text: str | None) -> int | None:
     return value
 
 
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")  # ModelConfig.name's pattern, bounded
-
-
 def check_model_name(name: str, what: str) -> str:
-    """`name` when it is a model name (what ModelConfig.name allows: no `..`, no `/`, no absolute
-    path, at most 255 characters), else BadRequest. The frontends check the names of load and
-    unload requests with it before the manager sees them."""
-    if type(name) is not str or not _MODEL_NAME.fullmatch(name):
+    """`name` when it is a model name (the repository's one rule, `repository.is_model_name`: no
+    `..`, no `/`, no absolute path, at most 255 characters), else BadRequest. The frontends check
+    the names of load and unload requests with it before the manager sees them."""
+    from ..repository import is_model_name
+
+    if not is_model_name(name):
         _fail(f"{what}: {_q(name)} is not a model name (letters, digits, '_', '.', '-', starting with a "
               "letter or digit)")
     return name
