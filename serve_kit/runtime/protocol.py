@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from itertools import chain
 from typing import Any, Iterable, Mapping, NoReturn, Sequence
