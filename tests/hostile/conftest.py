@@ -9,12 +9,12 @@ What every hostile test asserts (see `assert_unharmed`):
 * the server's RSS stays within RSS_GROWTH_BOUND of what it was when the suite started;
 * the server answers correctly afterwards.
 
-Tests whose docstring says "needs h13-http" pin the HTTP/gRPC frontend fixes of issue 13 (head
-limits, half close, one answer per request, bounded versions, undecodable protobuf, large JSON off
-the loop) and fail on a tree without them; the rest pass on this branch alone.
+Tests whose docstring says "frontend fix" pin the HTTP/gRPC frontend fixes of issue 13 (head
+limits, half close, one answer per request, bounded versions, undecodable protobuf, the JSON
+limit) and fail on a tree without them.
 
-Crafted repositories are the repository helper's part: `tests/hostile/test_repository_hostile.py`
-can use `serve_once(repo)` to start a server on a crafted repository and `assert_alive`.
+Crafted repositories: `tests/hostile/test_repository_hostile.py` uses `serve_once(repo)` to start
+a server on a crafted repository and `assert_alive`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 fixture fails the test if its p99 passes P99_BOUND_S or any answer STALL_BOUND_S; the JSON
 flood also bounds its p50).
 
-* back-to-back big JSON bodies (needs h13-http: large JSON was parsed on the event loop; 60 MB
+* back-to-back big JSON bodies (frontend fix: large JSON was parsed on the event loop; 60 MB
   bodies moved another client's p50 from 0.7 ms to 561 ms);
 * requests whose values the backend rejects at run time, concurrently with valid ones to the
   same model: only they fail, with 400 (before: each failed its whole batch with 500).
@@ -40,7 +40,7 @@ def _flood(port: int, body: bytes, seconds: float) -> list[int]:
 
 
 def test_back_to_back_big_json_bodies_do_not_stall_other_clients(server, good_client):
-    """needs h13-http. ~60 MB bodies (NaN in them: the slow fallback parser) whose data does not
+    """frontend fix. ~60 MB bodies (NaN in them: the slow fallback parser) whose data does not
     fit the declared shape: each is refused (4xx), and the well-behaved client's p99 stays under
     the bound meanwhile."""
     n = 15_000_000

@@ -2,7 +2,7 @@
 fields, and raw undecodable bytes sent through a generic channel with identity serializers.
 
 A client's mistake is never UNKNOWN or INTERNAL (nor a hang: every call has a deadline), and the
-well-behaved HTTP client keeps being answered. Raw undecodable bytes needs h13-http (on main
+well-behaved HTTP client keeps being answered. Raw undecodable bytes frontend fix (on main
 they were UNKNOWN instead of INVALID_ARGUMENT).
 """
 
@@ -96,14 +96,14 @@ def test_generated_infer_requests_are_never_unknown_or_internal(server, good_cli
 @given(data=st.binary(max_size=300), method=st.sampled_from(["ModelInfer", "ModelMetadata", "ModelReady",
                                                              "ModelConfig", "ModelStatistics", "RepositoryIndex"]))
 def test_raw_bytes_are_never_unknown_or_internal(server, good_client, channel, data, method):
-    """needs h13-http: undecodable protobuf was UNKNOWN, not INVALID_ARGUMENT."""
+    """frontend fix: undecodable protobuf was UNKNOWN, not INVALID_ARGUMENT."""
     code, got = call(channel, method, data)
     assert code not in BAD_CODES, (code, str(got)[:300])
 
 
 @pytest.mark.parametrize("data", [b"\xff" * 16, b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05ab", b"\x80"])
 def test_undecodable_protobuf_is_invalid_argument(server, good_client, channel, data):
-    """needs h13-http."""
+    """frontend fix."""
     code, got = call(channel, "ModelInfer", data)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, got)
 
@@ -123,7 +123,7 @@ def test_valid_grpc_inference_still_answers_correctly_after_the_garbage(server, 
 @pytest.mark.parametrize("method,request_type", [("ModelInfer", pb.ModelInferRequest), ("ModelReady", pb.ModelReadyRequest),
                                                  ("ModelMetadata", pb.ModelMetadataRequest)])
 def test_a_version_of_thousands_of_digits_is_not_internal(server, good_client, channel, method, request_type):
-    """needs h13-http: was INTERNAL with a traceback per request (Python's int-size guard)."""
+    """frontend fix: was INTERNAL with a traceback per request (Python's int-size guard)."""
     fields = {"model_name": "mlp", "model_version": "9" * 5000} if method == "ModelInfer" else \
         {"name": "mlp", "version": "9" * 5000}
     code, got = call(channel, method, request_type(**fields), None)

@@ -1,7 +1,7 @@
 """Raw-socket attacks on the HTTP frontend: truncated and bit-flipped requests, huge lines,
 endless heads, pipelining, half close, Upgrade / CONNECT, and the request shapes issue 13 found.
 
-Tests marked "needs h13-http" pin the HTTP frontend fixes of issue 13 (head limits, half close,
+Tests marked "frontend fix" pin the HTTP frontend fixes of issue 13 (head limits, half close,
 one answer per request, bounded versions) and fail on a tree without them.
 """
 
@@ -133,12 +133,12 @@ def test_pipelined_requests_are_answered_in_order(server, good_client):
 
 
 # ---------------------------------------------------------------------------------------------
-# Heads: huge lines and endless heads (needs h13-http: 414 / 431 and a per-chunk read timeout)
+# Heads: huge lines and endless heads (frontend fix: 414 / 431 and a per-chunk read timeout)
 
 
 @pytest.mark.parametrize("where", ["url", "header", "many-headers"])
 def test_huge_request_heads_are_refused_with_4xx(server, good_client, where):
-    """needs h13-http (414 / 431 before the whole head is read)."""
+    """frontend fix (414 / 431 before the whole head is read)."""
     big = "a" * (1 << 20)
     if where == "url":
         head = f"GET /v2/models/{big} HTTP/1.1\r\nHost: x\r\n"
@@ -152,7 +152,7 @@ def test_huge_request_heads_are_refused_with_4xx(server, good_client, where):
 
 
 def test_an_endless_head_does_not_stall_other_clients(server, good_client):
-    """One connection streams a header value as fast as it can for 3 s (needs h13-http: the head
+    """One connection streams a header value as fast as it can for 3 s (frontend fix: the head
     limit cuts it off; before, every other client's p50 went over 9 s)."""
     stop = time.monotonic() + 3.0
     sent = [0]
@@ -178,12 +178,12 @@ def test_an_endless_head_does_not_stall_other_clients(server, good_client):
 
 
 # ---------------------------------------------------------------------------------------------
-# Connection semantics (needs h13-http)
+# Connection semantics (frontend fixes)
 
 
 @pytest.mark.parametrize("binary", [False, True])
 def test_a_request_followed_by_fin_is_answered(server, good_client, binary):
-    """needs h13-http: a half close (the client's FIN) after a complete request used to get no answer."""
+    """frontend fix: a half close (the client's FIN) after a complete request used to get no answer."""
     responses = parse_responses(exchange(server.http_port, infer_request(close=False, binary=binary),
                                          half_close=True))
     assert len(responses) == 1, responses
@@ -201,7 +201,7 @@ def test_a_request_followed_by_fin_is_answered(server, good_client, binary):
     b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n",
 ], ids=["websocket", "h2c", "connect"])
 def test_upgrade_and_connect_get_exactly_one_answer(server, good_client, data):
-    """needs h13-http: these got the answer and then an unsolicited 400."""
+    """frontend fix: these got the answer and then an unsolicited 400."""
     responses = parse_responses(exchange(server.http_port, data, half_close=True))
     assert len(responses) == 1, [r[0] for r in responses]
     assert responses[0][0] < 500
@@ -215,7 +215,7 @@ def test_upgrade_and_connect_get_exactly_one_answer(server, good_client, data):
     "/v2/models/mlp/versions/-1/config",
 ])
 def test_versions_out_of_range_are_4xx(server, good_client, path):
-    """needs h13-http: a version of more than 4,300 digits was a 500 with a traceback."""
+    """frontend fix: a version of more than 4,300 digits was a 500 with a traceback."""
     method = "POST" if path.endswith("/infer") else "GET"
     body = infer_body(X) if method == "POST" else b""
     data = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
