@@ -560,7 +560,8 @@ def test_grpc_load_of_a_path_is_invalid_argument(tmp_path):
             with pytest.raises(grpc.RpcError) as ei:
                 stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), metadata=auth, timeout=30)
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value
-            assert str(tmp_path) not in ei.value.details()
+            # The answer may echo the name the client sent, never the server's own paths.
+            assert str(root) not in ei.value.details()
         index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)
         assert [m.name for m in index.models] == ["relu"]
         channel.close()
