@@ -70,6 +70,8 @@ def write_repository(path: Path) -> None:
 
 
 def tree_env(tree: Path) -> dict[str, str]:
+    # Run with cwd=tree too: `python -m` puts the working directory ahead of PYTHONPATH, so started
+    # from another checkout it would serve that checkout's code instead.
     env = dict(os.environ)
     env["PYTHONPATH"] = str(tree)
     return env
@@ -78,7 +80,7 @@ def tree_env(tree: Path) -> dict[str, str]:
 def start_server(tree: Path, repo: Path) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "serve_kit", "--json", "serve", str(repo), "--http-port", "0",
                              "--no-grpc"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=tree_env(tree))
+                            env=tree_env(tree), cwd=tree)
     line = proc.stdout.readline()
     if not line:
         proc.kill()
