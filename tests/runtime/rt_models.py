@@ -140,6 +140,28 @@ def write_version(root: Path, cfg: ModelConfig, payload: bytes, *, backend: str 
         return stage.commit(cfg, {"model_file": model_file, "backend": backend, "variant": "test"})
 
 
+def strings_onnx() -> bytes:
+    """An Identity over a [batch, 2] STRING tensor (text BYTES inputs, ONNX Runtime)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["text"], ["out"])], "strings",
+                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 2])],
+                              [helper.make_tensor_value_info("out", TensorProto.STRING, ["batch", 2])])
+    return _finish(graph)
+
+
+def write_ident_and_text(root: Path) -> Path:
+    """The hostile-input tests' repository: `ident` (FP32 [b, 4]) and `text` (BYTES [b, 2], batched
+    with a 20 ms window so that bad and good text requests share batches)."""
+    write_version(root, config("ident", 4, 4, max_batch_size=8), identity_onnx(4))
+    write_version(root, config("text", max_batch_size=16,
+                               inputs=[{"name": "text", "datatype": "BYTES", "shape": [-1, 2]}],
+                               outputs=[{"name": "out", "datatype": "BYTES", "shape": [-1, 2]}],
+                               dynamic_batching={"max_queue_delay_microseconds": 20000}),
+                  strings_onnx())
+    return root
+
+
 # ---------------------------------------------------------------------------------------------
 # Test-only backends: real classes implementing the Backend protocol.
 

@@ -268,3 +268,45 @@ def run_perf_analyzer(exe: str, env: dict[str, str], args: list[str], report: Pa
     throughput = float(lines[1].split(",")[1])
     assert throughput > 0
     return throughput
+
+
+class GrpcServer:
+    """A ModelManager and gRPC frontends on a private event loop thread: `frontends` names each
+    frontend (an attribute of the same name) and gives its serve_grpc options."""
+
+    def __init__(self, root: Path, **frontends: dict):
+        self.root, self.frontends = root, frontends
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-loop", daemon=True)
+
+    def call(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> "GrpcServer":
+        from serve_kit.runtime.grpc_service import serve_grpc
+        from serve_kit.runtime.models import ModelManager
+
+        self.thread.start()
+
+        async def start():
+            manager = ModelManager(self.root, cores=2)
+            await manager.start(strict=True)
+            return manager, {name: await serve_grpc(manager, port=0, **kw) for name, kw in self.frontends.items()}
+
+        self.manager, servers = self.call(start())
+        for name, srv in servers.items():
+            setattr(self, name, srv)
+        return self
+
+    def stop(self) -> None:
+        async def stop():
+            for name in self.frontends:
+                await getattr(self, name).stop(2)
+            await self.manager.shutdown(5)
+
+        try:
+            self.call(stop(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()

@@ -8,27 +8,24 @@ Results are compared with ONNX Runtime run directly on the same model files.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from rt_models import config, identity_onnx, mlp_onnx, mlp_weights, seq_onnx, write_version
-from rt_server import perf_analyzer_env, run_perf_analyzer
+from rt_server import GrpcServer, perf_analyzer_env, run_perf_analyzer
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the dev extra")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serve_kit import __version__  # noqa: E402
 from serve_kit.runtime.grpc_service import EXTENSIONS, serve_grpc  # noqa: E402
-from serve_kit.runtime.models import ModelManager  # noqa: E402
 
 TOKEN = "s3cret-token"
 T = 20  # seconds: every client call is bounded, so a hung server fails a test instead of the run
@@ -59,43 +56,6 @@ def int8_onnx() -> bytes:
     return _finish(graph)
 
 
-class Server:
-    """ModelManager + two gRPC servers (management on with a token, and off) on a private loop."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-test-loop", daemon=True)
-
-    def call(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> "Server":
-        self.thread.start()
-
-        async def start():
-            manager = ModelManager(self.root, cores=2)
-            await manager.start(strict=True)
-            managed = await serve_grpc(manager, port=0, management_token=TOKEN)
-            plain = await serve_grpc(manager, port=0)
-            return manager, managed, plain
-
-        self.manager, self.managed, self.plain = self.call(start())
-        return self
-
-    def stop(self) -> None:
-        async def stop():
-            await self.managed.stop(2)
-            await self.plain.stop(2)
-            await self.manager.shutdown(5)
-
-        try:
-            self.call(stop(), timeout=30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
@@ -124,7 +84,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models):
-    s = Server(models[0]).start()
+    s = GrpcServer(models[0], managed={"management_token": TOKEN}, plain={}).start()
     yield s
     s.stop()
 

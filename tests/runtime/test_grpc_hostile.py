@@ -4,19 +4,15 @@ models, raw channels (the generated stub and byte-level calls); hypothesis for t
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rt_models import config, identity_onnx, write_version
+from rt_models import config, identity_onnx, write_ident_and_text, write_version
+from rt_server import GrpcServer
 
 from serve_kit.runtime.grpc_service import serve_grpc
-from serve_kit.runtime.models import ModelManager
 from serve_kit.runtime.proto import grpc_service_pb2 as pb
 from serve_kit.runtime.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -25,58 +21,11 @@ CASES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCh
 SERVICE = "/inference.GRPCInferenceService/"
 
 
-def strings_onnx() -> bytes:
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("Identity", ["text"], ["out"])], "strings",
-                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 2])],
-                              [helper.make_tensor_value_info("out", TensorProto.STRING, ["batch", 2])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-
-
-class Server:
-    def __init__(self, root: Path):
-        self.root = root
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-hostile-loop", daemon=True)
-
-    def call(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> "Server":
-        self.thread.start()
-
-        async def start():
-            manager = ModelManager(self.root, cores=2)
-            await manager.start(strict=True)
-            return manager, await serve_grpc(manager, port=0, max_message_bytes=1 << 20)
-
-        self.manager, self.grpc = self.call(start())
-        return self
-
-    def stop(self) -> None:
-        async def stop():
-            await self.grpc.stop(2)
-            await self.manager.shutdown(5)
-
-        try:
-            self.call(stop(), timeout=30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpc-hostile")
-    write_version(root, config("ident", 4, 4, max_batch_size=8), identity_onnx(4))
-    write_version(root, config("text", max_batch_size=16,
-                               inputs=[{"name": "text", "datatype": "BYTES", "shape": [-1, 2]}],
-                               outputs=[{"name": "out", "datatype": "BYTES", "shape": [-1, 2]}],
-                               dynamic_batching={"max_queue_delay_microseconds": 20000}),
-                  strings_onnx())
-    s = Server(root).start()
+    write_ident_and_text(root)
+    s = GrpcServer(root, grpc={"max_message_bytes": 1 << 20}).start()
     yield s
     s.stop()
 

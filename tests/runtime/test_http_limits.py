@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rt_models import config, identity_onnx, write_version
-from rt_server import InProcessServer, RawConnection, request, request_bytes, wait_until
+from rt_models import write_ident_and_text
+from rt_server import InProcessServer, RawConnection, request, request_bytes
 
 from serve_kit.runtime import protocol
-from serve_kit.runtime.http import (DEFAULT_MAX_HEAD, DEFAULT_MAX_HEADER, DEFAULT_MAX_HEADERS, DEFAULT_MAX_JSON,
+from serve_kit.runtime.http import (DEFAULT_MAX_HEAD, DEFAULT_MAX_HEADER, DEFAULT_MAX_HEADERS,
                                     DEFAULT_MAX_URL)
 
 T = 20  # seconds: every socket operation is bounded, so a hung server fails a test, not the run
@@ -31,25 +31,10 @@ MAX_JSON = 256 * 1024
 CASES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def strings_onnx() -> bytes:
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("Identity", ["text"], ["out"])], "strings",
-                              [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 2])],
-                              [helper.make_tensor_value_info("out", TensorProto.STRING, ["batch", 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return model.SerializeToString()
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("limits-repo")
-    write_version(root, config("ident", 4, 4, max_batch_size=8), identity_onnx(4))
-    write_version(root, config("text", max_batch_size=16,
-                               inputs=[{"name": "text", "datatype": "BYTES", "shape": [-1, 2]}],
-                               outputs=[{"name": "out", "datatype": "BYTES", "shape": [-1, 2]}],
-                               dynamic_batching={"max_queue_delay_microseconds": 20000}),
-                  strings_onnx())
+    write_ident_and_text(root)
     return root
 
 
