@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -175,3 +176,26 @@ def assert_unharmed(server: Server) -> None:
 
 HYPOTHESIS_CASES = int(os.environ.get("SK_HOSTILE_CASES", "150"))
 """Cases per property test (bounded: the whole suite must stay under 3 minutes on 2 cores)."""
+
+
+def exchange(port: int, data: bytes, *, half_close: bool = False, timeout: float = 20) -> bytes:
+    """Send `data` (then FIN when `half_close`) and read until the server closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server refused early and closed: what it answered is still readable
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            except socket.timeout:
+                raise AssertionError(f"no answer and no close within {timeout} s; got {out[:200]!r}")
+            if not chunk:
+                break
+            out += chunk
+    return out

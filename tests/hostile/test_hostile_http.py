@@ -8,9 +8,8 @@ response with a status under 500, while a well-behaved client keeps being answer
 from __future__ import annotations
 
 import json
-import socket
 
-from hostile_kit import HYPOTHESIS_CASES
+from hostile_kit import HYPOTHESIS_CASES, exchange
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -116,21 +115,6 @@ headers_st = st.lists(st.one_of(
     st.tuples(TOKEN, LATIN1)), max_size=6)
 
 
-def send(port: int, data: bytes, timeout: float = 20) -> bytes:
-    """Send `data`, then read until the server closes (every request says Connection: close)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out
-
 
 def status_of(response: bytes) -> int:
     assert response.startswith(b"HTTP/1."), response[:300]
@@ -154,7 +138,7 @@ def test_generated_requests_get_a_complete_answer_under_500(server, good_client,
         lines.append(f"{k}: {v}")
     lines += [f"Content-Length: {len(payload)}", "Connection: close"]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-    response = send(server.http_port, head + payload)
+    response = exchange(server.http_port, head + payload)
     status = status_of(response)
     assert status < 500, response[:600]
     if status >= 400 and method != "HEAD":
@@ -175,7 +159,7 @@ def test_values_the_backend_rejects_fail_alone_with_400(server, good_client, ind
     """The gather model fails at run time (in ONNX Runtime) on an index out of range: a request
     with one is 400, alone: the others are answered."""
     doc = {"inputs": [{"name": "idx", "datatype": "INT64", "shape": [len(indices), 1], "data": indices}]}
-    response = send(server.http_port, b"POST /v2/models/gather/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    response = exchange(server.http_port, b"POST /v2/models/gather/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                     + f"Content-Length: {len(json_text(doc))}\r\n\r\n".encode() + json_text(doc))
     status = status_of(response)
     if all(-5 <= i < 5 for i in indices):
@@ -191,6 +175,6 @@ def test_nan_and_huge_numbers_in_json_are_answered_not_crashed(server, good_clie
                  b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1e999,2,3,4]}]}',
                  b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[' + b"9" * 5000 + b',2,3,4]}]}',
                  b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":' + b"[" * 10_000 + b"]" * 10_000 + b"}]}"]:
-        response = send(server.http_port, b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        response = exchange(server.http_port, b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                         + f"Content-Length: {len(text)}\r\n\r\n".encode() + text)
         assert status_of(response) < 500, (text[:80], response[:400])

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from hostile_kit import HYPOTHESIS_CASES, MLP, infer_body
+from hostile_kit import HYPOTHESIS_CASES, MLP, exchange, infer_body
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rt_models import mlp_reference
@@ -52,28 +52,6 @@ def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
         data = rest[n:]
     return out
 
-
-def exchange(port: int, data: bytes, *, half_close: bool = False, timeout: float = 20) -> bytes:
-    """Send `data` (then FIN when `half_close`) and read until the server closes or goes quiet."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server refused early and closed: what it answered is still readable
-        if half_close:
-            s.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            except socket.timeout:
-                raise AssertionError(f"no answer and no close within {timeout} s; got {out[:200]!r}")
-            if not chunk:
-                break
-            out += chunk
-    return out
 
 
 def assert_mlp_answer(status: int, body: bytes, x: np.ndarray = X) -> None:

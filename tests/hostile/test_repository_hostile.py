@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -279,7 +278,6 @@ def test_model_folder_linked_from_outside_is_refused(tmp_path):
 
 def _onnx_with_external(vdir: Path, location: str) -> bytes:
     """model.onnx in vdir: output = input + W, W stored as external data at `location`."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnx.external_data_helper import set_external_data
 
@@ -349,7 +347,6 @@ def bomb_repo(tmp_path):
     _bomb(staged, rows=64 * 256)  # 64 MiB uncompressed, ~64 KiB on disk
     assert staged.stat().st_size < 1 << 20
     with repo.new_version("wide") as stage:
-        import onnx
         from onnx import TensorProto, helper
 
         graph = helper.make_graph([helper.make_node("Relu", ["input"], ["output"])], "relu",
