@@ -43,7 +43,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no staging locks, stale folders are left
     fcntl = None
 
-from .config import ModelConfig, load_model_config, parse_model
+from .config import ModelConfig, parse_model
 from .errors import RepositoryError, ServeKitError
 
 MANIFEST = "manifest.json"
