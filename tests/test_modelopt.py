@@ -179,7 +179,7 @@ def test_a_failing_quantizer_config_is_a_conversion_error(cnn_ctx):
 def test_pipeline_writes_the_backend_options_into_config_yaml(tmp_path):
     from serve_kit.optimize.pipeline import OptimizeJob, run
     from serve_kit.config import DataSpec, RepositorySpec
-    from serve_kit.repository import load_model_config
+    from serve_kit.config import load_model_config
 
     job = OptimizeJob(source=SourceSpec(factory="serve_kit.recipes.digits:build_model"), repository=tmp_path / "repo",
                       inputs=CNN_INPUTS, outputs=OUTPUTS,
