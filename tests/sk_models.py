@@ -62,8 +62,29 @@ def _train(model: nn.Module, epochs: int = 15) -> nn.Module:
 
 @functools.lru_cache(maxsize=1)
 def _trained_state() -> dict:
+    """Trained once per machine and cached by the hash of this file: every process (the test's,
+    and the children that `bench` and `serve` start to load the source by its factory) gets the
+    very same weights, whatever torch state an earlier test left in its own process; the
+    manifest's source hash then matches in all of them."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("SERVE_KIT_TEST_CACHE", Path.home() / ".cache" / "serve-kit" / "tests"))
+    path = cache / f"sk_models-mlp-{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn or foreign file: train again
+            pass
     torch.manual_seed(0)
-    return {k: v.clone() for k, v in _train(MLP()).state_dict().items()}
+    state = {k: v.clone() for k, v in _train(MLP()).state_dict().items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return state
 
 
 def mlp() -> nn.Module:

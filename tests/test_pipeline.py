@@ -573,6 +573,7 @@ def test_latency_agrees_with_serve_kit_bench(tmp_path, npz, monkeypatch):
         theirs = rows[("onnx", b)]["p50_ms"]
         assert 1 / 4 < ours / theirs < 4, (b, ours, theirs)
         ours_eager = report["reference"]["latency"][str(b)]["p50_ms"]
+        assert ("pytorch-eager", b) in rows, bench["skipped"]  # why eager was not measured
         theirs_eager = rows[("pytorch-eager", b)]["p50_ms"]
         assert 1 / 4 < ours_eager / theirs_eager < 4, (b, ours_eager, theirs_eager)
         assert 1 / 4 < (ours_eager / ours) / (theirs_eager / theirs) < 4
