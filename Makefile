@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 REPO ?= model-repository
 
-.PHONY: demo test zoo clean
+.PHONY: demo test zoo hostile clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 # figures: $(BIN)/python benchmarks/zoo.py --repeat 2.
 zoo: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo tests/zoo
+
+# Only the hostile-input suite (tests/hostile): generated and raw-socket HTTP, gRPC and crafted
+# repositories against a real server. The flood figure: $(BIN)/python benchmarks/hostile.py.
+hostile: $(STAMP)
+	$(BIN)/python -m pytest -q -m hostile tests/hostile
 
 clean:
 	rm -rf $(VENV) $(REPO) .pytest_cache
