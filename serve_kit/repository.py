@@ -199,8 +199,8 @@ def redact_paths(text: str, root: Path | None = None) -> str:
 
 def _safe_resolve(p: Path) -> Path:
     try:
-        return p.resolve()
-    except (OSError, RuntimeError):
+        return _resolve(p)
+    except RepositoryError:
         return p.absolute()
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -53,6 +52,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from ..config import ModelConfig
+from ..repository import redact_paths
 from .backends import Backend
 from .types import BadRequest, InferError, Internal, Overloaded, Timeout, Unavailable
 
@@ -875,13 +875,13 @@ class DynamicBatcher:
 
         def fail_internal(reqs: list[_Request], e: Exception) -> None:
             now = time.monotonic_ns()
-            err = Internal(f"{label} failed: {type(e).__name__}: {_scrub(e)}")
+            err = Internal(f"{label} failed: {type(e).__name__}: {redact_paths(str(e))}")
             stats.failed(err.status, len(reqs), len(reqs) * now - sum(r.t0 for r in reqs))
             self._post(loop, reqs, None, err)
 
         def fail_input(req: _Request, e: Exception) -> None:
             err = BadRequest(f"{label} cannot run this request's input (the model runs other inputs): "
-                             f"{type(e).__name__}: {_scrub(e)}")
+                             f"{type(e).__name__}: {redact_paths(str(e))}")
             stats.failed(err.status, 1, time.monotonic_ns() - req.t0)
             self._post(loop, [req], None, err)
 
@@ -971,15 +971,6 @@ class DynamicBatcher:
             loop.call_soon_threadsafe(self._deliver, batch, results, error)
         except RuntimeError:
             pass  # the loop is closed: nobody is waiting for these answers any more
-
-
-_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?(?:[/\\][\w.+@~-]+){2,}[/\\]?")
-
-
-def _scrub(e: Exception) -> str:
-    """A backend's error text without filesystem paths (model files, sources in a traceback):
-    it goes to unauthenticated clients; the log keeps the whole text."""
-    return _PATH.sub("<path>", str(e))
 
 
 def _pad_concatenate(parts: list[np.ndarray], axis: int, value: float) -> np.ndarray:

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import ModelLoadError, ServeKitError
-from ..repository import Limits, Repository, is_model_name, redact_paths
+from ..errors import ModelLoadError, RepositoryError, ServeKitError
+from ..repository import Limits, Repository, check_model_name, is_model_name, redact_paths
 from .backends import Backend, load_backend
 from .batcher import DynamicBatcher, SchedulerClosed, SchedulerStats
 from .types import BadRequest, InferRequest, InferResponse, NotFound, Unavailable
@@ -154,11 +154,11 @@ def _warmup_inputs(config: ModelConfig, repository: Repository, info) -> list[di
     samples limit, never unpickled."""
     samples: dict[str, np.ndarray] | None = None
     batching = config.max_batch_size > 0
-    wanted_sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching \
-        else [1][:len(config.warmup.batch_sizes)]
-    if config.warmup.source == "samples" and wanted_sizes:
+    sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching \
+        else [1][:len(config.warmup.batch_sizes)]  # `batch_sizes: []` turns warm-up off
+    if config.warmup.source == "samples" and sizes:
         # A non-batching model's samples are one whole request (its full shape): read them whole.
-        stored = repository.read_samples(info, max(wanted_sizes) if batching else None, inputs_only=True)
+        stored = repository.read_samples(info, max(sizes) if batching else None, inputs_only=True)
         if stored is not None:
             got = {t.name: stored[0][t.name] for t in config.inputs if t.name in stored[0]}
             # .size, not len(): a scalar input's samples may be a 0-d array.
@@ -166,9 +166,6 @@ def _warmup_inputs(config: ModelConfig, repository: Repository, info) -> list[di
                 samples = got
         if samples is None:
             log.warning("%s: no usable samples in version %s; warming up with zeros", config.name, info.version)
-    batching = config.max_batch_size > 0
-    sizes = sorted({min(max(b, 1), config.max_batch_size) for b in config.warmup.batch_sizes}) if batching \
-        else [1][:len(config.warmup.batch_sizes)]  # `batch_sizes: []` turns warm-up off
     runs = []
     limit = repository.limits.max_samples_bytes
     for b in sizes:
@@ -346,11 +343,10 @@ class ModelManager:
     def _check_name(model: object) -> None:
         """Names are model names (the repository's rule), never paths: refused here, once, for
         every frontend (HTTP and gRPC load/unload call this manager)."""
-        if not is_model_name(model):
-            shown = model[:80] + "..." if isinstance(model, str) and len(model) > 80 else model
-            raise ModelLoadFailed("not a model name", value=shown, origin="load",
-                                  hint="model names are folder names in the repository: letters, digits and _ . - "
-                                       "(starting with a letter or digit)")
+        try:
+            check_model_name(model, "load")
+        except RepositoryError as e:
+            raise ModelLoadFailed(e.message, value=e.value, origin="load", hint=e.hint) from None
 
     def _public(self, reason: str) -> str:
         """A failure reason as shown to every client (the repository index is unauthenticated):

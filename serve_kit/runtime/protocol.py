@@ -144,23 +144,13 @@ def check_text(name: str, arr: np.ndarray, config: ModelConfig) -> None:
     BYTES as text (TEXT_BYTES_BACKENDS). A per-request check, made before the scheduler sees it."""
     if config.backend not in TEXT_BYTES_BACKENDS or arr.dtype != object:
         return
-    items = arr.ravel().tolist()
-    try:
-        for item in items:
+    for index, item in enumerate(arr.ravel().tolist()):
+        try:
             str(item, "utf-8")
-    except (UnicodeDecodeError, TypeError) as e:
-        index = next(i for i, x in enumerate(items) if not _is_utf8(x))
-        reason = e.reason if isinstance(e, UnicodeDecodeError) else "not bytes"
-        _fail(f"input {name!r}: BYTES element {index} is not UTF-8 text ({reason}), which model "
-              f"{config.name!r} ({config.backend}) takes as a string; send UTF-8")
-
-
-def _is_utf8(x: object) -> bool:
-    try:
-        str(x, "utf-8")
-        return True
-    except (UnicodeDecodeError, TypeError):
-        return False
+        except (UnicodeDecodeError, TypeError) as e:
+            reason = e.reason if isinstance(e, UnicodeDecodeError) else "not bytes"
+            _fail(f"input {name!r}: BYTES element {index} is not UTF-8 text ({reason}), which model "
+                  f"{config.name!r} ({config.backend}) takes as a string; send UTF-8")
 
 
 def element_count(shape: Sequence[int]) -> int:
