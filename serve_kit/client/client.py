@@ -69,6 +69,11 @@ def _protocol_of(url: str, protocol: str | None) -> str:
     return chosen
 
 
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a loser's failure is no news
+
+
 def _bool(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in ("1", "true", "hit"))
 
@@ -158,6 +163,8 @@ class AsyncClient:
                                                           max(1, int(left * 1e6)), headers, try_timeout)
         except ServerError as e:
             self.balancer.record(replica, e.status not in REPLICA_FAILURE_STATUS)
+            if e.retry_after:
+                replica.not_before = time.monotonic() + e.retry_after
             raise
         except ConnectionFailed:
             self.balancer.record(replica, False)
@@ -202,10 +209,11 @@ class AsyncClient:
                         raise last  # a definite answer (a 4xx, a model failure): hedges cannot change it
             raise last
         finally:
+            # The losers are cancelled, not awaited: a cancelled HTTP request closes its connection,
+            # a gRPC one sends RST_STREAM; the answer must not wait on either.
             for task in tasks:
                 task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                task.add_done_callback(_consume)
 
     async def _call(self, model, inputs, version, outputs, headers, deadline) -> InferResult:
         end = time.monotonic() + deadline
@@ -229,7 +237,8 @@ class AsyncClient:
                     raise
                 if self.retry.max_attempts is not None and attempts >= self.retry.max_attempts:
                     raise
-                pause = self.retry.backoff(attempts, self.rng, getattr(e, "retry_after", None))
+                # Retry-After holds for the replica that said it: another one is tried without waiting.
+                pause = self.retry.backoff(attempts, self.rng, self.balancer.pushback_s() or None)
                 if time.monotonic() + pause >= end:
                     raise DeadlineExceeded(f"{model}: deadline of {deadline:g} s passed after {attempts} tries "
                                            f"(last: {e})", url=e.url, last=e) from e

@@ -36,7 +36,8 @@ class RetryPolicy(_Policy):
 
     def backoff(self, retry: int, rng: random.Random, retry_after: float | None = None) -> float:
         """Seconds to sleep before retry number `retry` (1 = the first retry): full jitter, but never
-        less than the server's Retry-After / grpc-retry-pushback-ms advice."""
+        less than `retry_after` (the server's Retry-After / grpc-retry-pushback-ms advice, when
+        every replica gave one)."""
         cap = min(self.max_backoff_s, self.base_s * 2 ** (retry - 1))
         sleep = rng.uniform(0, cap)
         return max(sleep, retry_after) if retry_after is not None else sleep
@@ -150,6 +151,8 @@ class Replica:
     consecutive_failures: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    not_before: float = 0.0
+    """Its last Retry-After / pushback: not sent to before this time while another replica can be."""
     transport: object = field(default=None, repr=False)
 
     def ejected(self, now: float) -> bool:
@@ -170,13 +173,21 @@ class Balancer:
     def pick(self, exclude: Sequence[Replica] = ()) -> Replica | None:
         """A replica for the next try: not ejected, preferably not in `exclude` (the replicas this
         call already tried or is hedging on); None when every replica is ejected."""
-        pool = self.available(exclude) or self.available()
+        now = self.clock()
+        candidates = self.available(exclude), self.available()
+        pool = ([r for r in candidates[0] if r.not_before <= now] or [r for r in candidates[1] if r.not_before <= now]
+                or candidates[0] or candidates[1])
         if not pool:
             return None
         if len(pool) == 1:
             return pool[0]
         a, b = self.rng.sample(pool, 2)
         return a if a.outstanding <= b.outstanding else b
+
+    def pushback_s(self) -> float:
+        """Seconds until some replica not ejected may be sent to, as far as Retry-After says."""
+        pool = self.available()
+        return max(0.0, min(r.not_before for r in pool) - self.clock()) if pool else 0.0
 
     def record(self, replica: Replica, ok: bool) -> bool:
         """Count one try's outcome on `replica`; True when this failure ejected it."""

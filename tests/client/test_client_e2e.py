@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ident_repo, probe_repo
+from client_kit import ident_repo, probe_repo
 from serve_kit.client import (AsyncClient, BreakerPolicy, CircuitOpen, Client, ConnectionFailed, DeadlineExceeded,
                               EjectionPolicy, HedgePolicy, RetryPolicy, ServerError)
 
@@ -162,7 +162,7 @@ def test_hedging_cuts_the_tail_of_one_slow_replica(fast_and_slow, protocol):
     plain = latencies()
     assert max(t for t, _ in plain) >= 1.5  # some calls landed on the slow replica and waited
     hedged = latencies(hedge=HedgePolicy(delay_s=0.1))
-    assert max(t for t, _ in hedged) < 1.0
+    assert max(t for t, _ in hedged) < 1.0, str([(round(t, 3), r.replica[-5:], r.attempts) for t, r in hedged])
     assert all(r.replica == fast.url(protocol) for _, r in hedged)
     assert any(r.attempts == 2 for _, r in hedged)  # the hedge was sent (and won) at least once
 

@@ -137,3 +137,14 @@ def test_hedge_delay_fixed_or_percentile():
         w.add(i / 1000)
     assert w.hedge_delay(HedgePolicy(percentile=95)) == pytest.approx(0.095)
     assert w.percentile(50) == pytest.approx(0.050)
+
+
+def test_retry_after_of_one_replica_sends_the_retry_to_another_without_waiting():
+    clock = FakeClock()
+    rs = [Replica("http://a"), Replica("http://b")]
+    bal = Balancer(rs, EjectionPolicy(), random.Random(0), clock)
+    rs[0].not_before = clock() + 2
+    assert all(bal.pick() is rs[1] for _ in range(20)) and bal.pushback_s() == 0
+    rs[1].not_before = clock() + 1
+    assert bal.pushback_s() == pytest.approx(1)  # everyone said Retry-After: wait for the first
+    assert bal.pick() in rs
