@@ -198,12 +198,18 @@ def test_deadline_bounds_the_retries_and_names_the_last_error():
 @pytest.mark.xfail(strict=True, reason="enable when the server honours Idempotency-Key (issue 14, lead's part): "
                                        "until then each retry of a slow call runs again and is counted again")
 def test_retries_of_a_slow_call_are_counted_once_by_the_server(tmp_path, served):
+    """Each try gives up after 0.4 s on work that takes 1 s. With the server deduping on the key,
+    a later try shares the first one's result and the work runs once; without it every try runs
+    the work again (behind the previous ones) and the call never gets an answer in time."""
     s = served(probe_repo(tmp_path / "slow", delay_s=1.0))
     before = s.requests_total("200")
-    with Client(s.http, deadline=30, per_try_timeout=0.4, retry=RetryPolicy(base_s=0.05, max_backoff_s=0.1),
+    answered = None
+    with Client(s.http, deadline=8, per_try_timeout=0.4, retry=RetryPolicy(base_s=0.05, max_backoff_s=0.1),
                 ejection=EjectionPolicy(consecutive_failures=100)) as c:
-        r = c.infer("probe", {"x": X})
-    assert r.attempts > 1
-    assert _wait(lambda: s.requests_total("200") >= before + 1, 30)
-    time.sleep(3)  # any duplicate run would have finished by now
-    assert s.requests_total("200") == before + 1
+        try:
+            answered = c.infer("probe", {"x": X})
+        except DeadlineExceeded:
+            pass
+    time.sleep(3)  # any duplicate run has finished (and been counted) by now
+    runs = s.requests_total("200") - before
+    assert answered is not None and answered.attempts > 1 and runs == 1, f"one call ran {runs} times"
