@@ -192,7 +192,62 @@ class Metrics:
     def render(self) -> bytes:
         stats = self.manager.scheduler_stats()
         ready = {k: state == "READY" for k, state in self.manager.version_states().items()}
-        return render_stats(stats, ready)
+        return render_stats(stats, ready) + render_routes(self.manager.router)
+
+
+def render_routes(router) -> bytes:
+    """The router's metrics (runtime/router.py): per endpoint and the target that answered."""
+    w = _Writer()
+    c = router.counters
+
+    def lab(key: tuple, *names: str) -> dict[str, str]:
+        return dict(zip(names, key))
+
+    w.family("serve_kit_route_requests_total", "counter",
+             "Requests to routed endpoints by the target that answered, its role (primary, fallback, shadow, "
+             "compare) and the status (HTTP code).")
+    for k in sorted(c.requests):
+        w.sample("serve_kit_route_requests_total", lab(k, "endpoint", "model", "version", "role", "code"), c.requests[k])
+    w.family("serve_kit_route_request_duration_seconds", "histogram",
+             "Time from routing a request to its target's answer (queue and compute), by target and role.")
+    for k in sorted(c.durations):
+        h = c.durations[k]
+        w.histogram("serve_kit_route_request_duration_seconds", lab(k, "endpoint", "model", "version", "role"),
+                    LATENCY_BUCKETS_S, h.counts, h.total)
+    routes = router.all()
+    w.family("serve_kit_route_weight", "gauge", "Share (0..1) of an endpoint's requests its route sends to a target.")
+    for r in routes:
+        for t, share in zip(r.targets, r.shares):
+            w.sample("serve_kit_route_weight", {"endpoint": r.endpoint, "model": t.model,
+                                                "version": str(t.version) if t.version is not None else "latest"}, share)
+    w.family("serve_kit_route_generation", "gauge", "Changes made to an endpoint's route (its generation).")
+    for r in routes:
+        w.sample("serve_kit_route_generation", {"endpoint": r.endpoint}, r.generation)
+    labels4 = ("endpoint", "model", "version", "source")
+    with c.lock:
+        for name, table, text in (
+                ("serve_kit_shadow_agreement", c.agreement,
+                 "Rows compared between a mirrored target and the reference (_count) and the rows that agree "
+                 "(_sum): top-1 decision for class scores, else cosine."),
+                ("serve_kit_shadow_cosine", c.cosine, "Cosine similarity with the reference, summed over compared rows."),
+                ("serve_kit_shadow_max_abs_error", c.max_abs_error,
+                 "Largest absolute error against the reference per compared batch, summed over its rows.")):
+            w.family(name, "summary", text)
+            for k in sorted(table):
+                w.sample(f"{name}_sum", lab(k, *labels4), table[k].total)
+                w.sample(f"{name}_count", lab(k, *labels4), table[k].count)
+    w.family("serve_kit_shadow_dropped_total", "counter",
+             "Mirrored requests not compared: shed (bound reached, target refused) or error (the target failed).")
+    for k in sorted(c.dropped):
+        w.sample("serve_kit_shadow_dropped_total", lab(k, "endpoint", "model", "version", "reason"), c.dropped[k])
+    w.family("serve_kit_fallbacks_total", "counter", "Requests a fallback answered, by fallback target and reason.")
+    for k in sorted(c.fallbacks):
+        w.sample("serve_kit_fallbacks_total", lab(k, "endpoint", "model", "version", "reason"), c.fallbacks[k])
+    w.family("serve_kit_idempotent_replays_total", "counter",
+             "Retried requests (same Idempotency-Key) answered from the first attempt without running again.")
+    for k in sorted(c.replays):
+        w.sample("serve_kit_idempotent_replays_total", {"endpoint": k}, c.replays[k])
+    return ("\n".join(w.lines) + "\n").encode()
 
 
 def render(manager: "ModelManager") -> bytes:

@@ -227,6 +227,10 @@ class ModelManager:
         self._started = False
         self._stopping = False
         self._stopped = False
+        from .router import Router
+
+        self.router = Router(self)
+        """Endpoint routes (split, shadow, fallback) over the models' versions: runtime/router.py."""
 
     async def __aenter__(self) -> "ModelManager":
         await self.start()
@@ -252,14 +256,21 @@ class ModelManager:
 
     def model_ready(self, model: str, version: int | None = None) -> bool:
         m = self._models.get(model)
-        if m is None:
+        if m is None or not m.routes:
+            if version is None and model in self.router.routes:  # an endpoint of its own name
+                return any(self.model_ready(t.model, t.version) for t in self.router.routes[model].targets)
             return False
         return bool(m.routes) if version is None else version in m.routes
 
     def config(self, model: str) -> ModelConfig:
-        """The config.yaml the model's serving versions were loaded with."""
+        """The config.yaml the model's serving versions were loaded with (for an endpoint that is
+        not a model, that of its route's first target: every target shares its signature)."""
         m = self._models.get(model)
         if m is None or m.config is None or not m.routes:
+            if model in self.router.routes:
+                config = self.router.endpoint_config(model)
+                if config is not None:
+                    return config
             raise NotFound(self._unknown(model))
         return m.config
 
@@ -287,6 +298,7 @@ class ModelManager:
         failures = [f"{m.name}: {f}" for m in built for f in m.failures]
         for f in failures:
             log.error("not serving %s", f)
+        self.router.load_static()
         if strict and failures:
             raise ModelLoadFailed("models failed to load: " + "; ".join(failures), origin=str(self.repository.root),
                                  hint="`serve-kit inspect` verifies the repository")
@@ -320,6 +332,7 @@ class ModelManager:
                     origin=f"repository model {model}")
             self._models[model] = new  # the swap: every request from here on routes to `new`
             log.info("model %s: serving versions %s", model, sorted(new.routes))
+            self.router.load_static(model)
             if old is not None:
                 self._retire(old.schedulers())
 
@@ -494,14 +507,12 @@ class ModelManager:
         Routing and input errors, and refusals (queue full, unknown version), raise here."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
+        if req.version is None:
+            route = self.router.routes.get(req.model)
+            if route is not None:
+                return self.router.infer_nowait(req, route)
         sched = self.resolve(req.model, req.version)
-        m = self._models[req.model]
-        m.check(req.model, req.inputs)
-        if req.outputs is not None:
-            unknown = [o.name for o in req.outputs if o.name not in m.output_names]
-            if unknown:
-                raise BadRequest(f"model {req.model!r} has no outputs {unknown}; outputs: "
-                                 f"{sorted(m.output_names)}")
+        self.check_request(req.model, req)
         try:
             return sched, sched.submit_nowait(req.inputs, req.priority, req.timeout_us)
         except SchedulerClosed:
@@ -511,12 +522,31 @@ class ModelManager:
                 raise
             return retry, retry.submit_nowait(req.inputs, req.priority, req.timeout_us)
 
+    def check_request(self, model: str, req: InferRequest) -> None:
+        """`req`'s inputs fit `model`'s config and its requested outputs exist (400 otherwise)."""
+        m = self._models[model]
+        m.check(req.model, req.inputs)
+        if req.outputs is not None:
+            unknown = [o.name for o in req.outputs if o.name not in m.output_names]
+            if unknown:
+                raise BadRequest(f"model {req.model!r} has no outputs {unknown}; outputs: "
+                                 f"{sorted(m.output_names)}")
+
     @staticmethod
-    def response(req: InferRequest, sched: DynamicBatcher, outputs: dict) -> InferResponse:
-        """The answer to `req` from the outputs its scheduler returned: the requested ones only."""
+    def response(req: InferRequest, sched, outputs: dict) -> InferResponse:
+        """The answer to `req` from the outputs its scheduler (or the router's Answering) returned:
+        the requested ones only, and for a routed request who answered (contract: response
+        parameters `serve_kit_target`, `serve_kit_fallback`)."""
+        params: dict[str, Any] = {}
+        if getattr(sched, "routed", False):
+            params["serve_kit_target"] = f"{sched.model}/{sched.version}"
+            if sched.fallback:
+                params["serve_kit_fallback"] = True
+        if getattr(outputs, "cache_hit", False):
+            params["serve_kit_cache_hit"] = True
         if req.outputs is not None:
             outputs = {o.name: outputs[o.name] for o in req.outputs}
-        return InferResponse(model=req.model, version=sched.version, outputs=outputs, id=req.id)
+        return InferResponse(model=req.model, version=sched.version, outputs=outputs, id=req.id, parameters=params)
 
     # ------------------------------------------------------------------------------------------
     # Introspection
@@ -590,6 +620,7 @@ class ModelManager:
             s.drain(timeout) for s in list(self._draining)))
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(timeout, 0.001))
+        self.router.close()
         self._stopped = True
         return all(results)
 
