@@ -29,7 +29,7 @@ import numpy as np
 from ..compare import compare_outputs
 from ..config import RouteSpec
 from ..errors import ServeKitError
-from .batcher import LATENCY_BUCKETS_S, SchedulerClosed
+from .batcher import LATENCY_BUCKETS_S, LogGate, SchedulerClosed
 from .routing import Ref, Route, incompatibility
 from .types import BadRequest, InferError, InferRequest, Internal, NotFound, Timeout, Unavailable
 
@@ -431,6 +431,7 @@ class _Comparer:
 
     def __init__(self, counters: RouteCounters):
         self.counters = counters
+        self._log = LogGate()
         self._queue: queue.Queue = queue.Queue(COMPARE_QUEUE)
         self._thread = threading.Thread(target=self._run, name="serve-kit-compare", daemon=True)
         self._thread.start()
@@ -471,7 +472,8 @@ class _Comparer:
             try:
                 figures = measure_pairs(pairs)
             except Exception as e:  # noqa: BLE001 - outputs that cannot be compared: counted, not fatal
-                log.warning("shadow comparison of %s failed: %s: %s", labels, type(e).__name__, e)
+                if self._log.allow() is not None:
+                    log.warning("shadow comparison of %s failed: %s: %s", labels, type(e).__name__, e)
                 endpoint, model, version, _ = labels
                 self.counters.bump(self.counters.dropped, (endpoint, model, version, "error"))
                 continue

@@ -244,3 +244,30 @@ def test_route_changes_need_the_token_and_count_generations(server):
     assert r.status == 400
     assert request(port, "DELETE", "/v2/routes/m", b"", AUTH).status == 200
     time.sleep(0)  # keep the module's server state at the default route for the next test
+
+
+def test_grpc_sticky_key_from_metadata_and_the_target_in_the_response(tmp_path):
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the dev extra")
+    from rt_server import GrpcServer
+    from serve_kit.config import RoutesFile
+
+    root = _repo(tmp_path / "repo")
+    (root / "routes.yaml").write_text(yaml.safe_dump(RoutesFile(routes=[RouteSpec(
+        endpoint="m", targets=[{"model": "m", "version": 1}, {"model": "m", "version": 2}],
+        sticky={"header": "x-user-id"})]).model_dump(mode="json", exclude_none=True)))
+    srv = GrpcServer(root, plain={}).start()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.plain.port}")
+    try:
+        x = grpcclient.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        seen = {}
+        for i in range(30):
+            key = f"user-{i % 6}"
+            r = client.infer("m", [x], headers={"x-user-id": key}, client_timeout=20).get_response()
+            target = r.parameters["serve_kit_target"].string_param
+            assert target == f"m/{r.model_version}"
+            assert seen.setdefault(key, target) == target
+        assert set(seen.values()) == {"m/1", "m/2"}
+    finally:
+        client.close()
+        srv.stop()
