@@ -30,6 +30,7 @@ from ..config import ModelConfig
 from ..errors import ModelLoadError, RepositoryError, ServeKitError
 from ..repository import Limits, Repository, check_model_name, is_model_name, redact_paths
 from .backends import Backend, load_backend
+from . import resilience
 from .batcher import DynamicBatcher, SchedulerClosed, SchedulerStats
 from .types import BadRequest, InferRequest, InferResponse, NotFound, Unavailable
 
@@ -254,7 +255,11 @@ class ModelManager:
         m = self._models.get(model)
         if m is None:
             return False
-        return bool(m.routes) if version is None else version in m.routes
+        # A version whose circuit breaker is open is not ready (as if unloaded) until half-open.
+        if version is None:
+            return any(not getattr(s, "open", False) for s in m.routes.values())
+        s = m.routes.get(version)
+        return s is not None and not getattr(s, "open", False)
 
     def config(self, model: str) -> ModelConfig:
         """The config.yaml the model's serving versions were loaded with."""
@@ -455,8 +460,9 @@ class ModelManager:
             instances.append(b)
         log.info("model %s version %d: %d x %s loaded and warmed up in %.2f s", name, v, len(instances),
                  backend, time.perf_counter() - t0)
-        return DynamicBatcher(config, instances, model=name, version=v, canary=runs[0] if runs else None,
-                              **self.scheduler_options)
+        batcher = DynamicBatcher(config, instances, model=name, version=v, canary=runs[0] if runs else None,
+                                 **self.scheduler_options)
+        return resilience.wrap(batcher, config)  # breaker / response cache when config.yaml asks
 
     # ------------------------------------------------------------------------------------------
     # Routing
@@ -552,6 +558,11 @@ class ModelManager:
             out[key] = out[key] + s.stats() if key in out else s.stats()
         return out
 
+    def resilient(self) -> dict[tuple[str, int], "resilience.Resilient"]:
+        """(model, version) -> the serving versions wrapped with a breaker and/or response cache."""
+        return {(name, v): s for name, m in self._models.items() for v, s in m.routes.items()
+                if isinstance(s, resilience.Resilient)}
+
     def stats(self, model: str | None = None, version: int | None = None) -> dict[str, Any]:
         """Triton's statistics extension (`GET v2/models[/{model}[/versions/{v}]]/stats`): counts
         and cumulative durations in nanoseconds for the loaded versions."""
@@ -570,7 +581,8 @@ class ModelManager:
             for v in sorted(self._models[name].routes):
                 if version is not None and v != version:
                     continue
-                entries.append(_triton_stats(name, v, all_stats.get((name, v), SchedulerStats())))
+                entries.append(_triton_stats(name, v, all_stats.get((name, v), SchedulerStats()),
+                                             self._models[name].routes[v]))
         return {"model_stats": entries}
 
     # ------------------------------------------------------------------------------------------
@@ -598,10 +610,12 @@ def _cn(count: int, ns: int) -> dict[str, int]:
     return {"count": int(count), "ns": int(ns)}
 
 
-def _triton_stats(name: str, version: int, s: SchedulerStats) -> dict[str, Any]:
+def _triton_stats(name: str, version: int, s: SchedulerStats, sched=None) -> dict[str, Any]:
     fail_count = sum(c for c, _ in s.fail.values())
     fail_ns = sum(ns for _, ns in s.fail.values())
-    return {
+    cache = getattr(sched, "cache", None)
+    breaker = getattr(sched, "breaker", None)
+    entry = {
         "name": name,
         "version": str(version),
         "last_inference": s.last_inference_ms,
@@ -614,8 +628,8 @@ def _triton_stats(name: str, version: int, s: SchedulerStats) -> dict[str, Any]:
             "compute_input": _cn(s.compute_count, s.compute_input_ns),
             "compute_infer": _cn(s.compute_count, s.compute_infer_ns),
             "compute_output": _cn(s.compute_count, s.compute_output_ns),
-            "cache_hit": _cn(0, 0),
-            "cache_miss": _cn(0, 0),
+            "cache_hit": _cn(cache.hits if cache else 0, 0),
+            "cache_miss": _cn(cache.misses if cache else 0, 0),
         },
         "batch_stats": [
             {"batch_size": size, "compute_input": _cn(b[0], b[1]), "compute_infer": _cn(b[0], b[2]),
@@ -623,3 +637,6 @@ def _triton_stats(name: str, version: int, s: SchedulerStats) -> dict[str, Any]:
             for size, b in sorted(s.batches.items())
         ],
     }
+    if breaker is not None:
+        entry["breaker"] = breaker.snapshot()
+    return entry
