@@ -329,6 +329,8 @@ class Resilient:
         self._clock = time.monotonic
 
     def __getattr__(self, name: str):  # config, threads_alive, ... of the inner scheduler
+        if name == "inner":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     @property
