@@ -168,3 +168,39 @@ def test_bad_resilience_config_is_a_clear_load_error(tmp_path):
         assert bad["state"] == "UNAVAILABLE" and "max_error_rate" in bad["reason"]
     finally:
         s.stop()
+
+
+def test_grpc_open_breaker_is_unavailable_with_pushback_and_not_ready(tmp_path, flag):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    from rt_server import GrpcServer
+
+    root = tmp_path / "repo"
+    write_probe(root, probe_config("flaky", max_batch_size=4, circuit_breaker={
+        "min_requests": 2, "open_seconds": 30}), fail_file=str(flag))
+    s = GrpcServer(root, plain={}).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{s.plain.port}")
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def call():
+            req = service_pb2.ModelInferRequest(model_name="flaky")
+            t = req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+            t.contents.fp32_contents.extend([1, 2, 3, 4])
+            return stub.ModelInfer(req, timeout=30)
+
+        assert stub.ModelReady(service_pb2.ModelReadyRequest(name="flaky"), timeout=30).ready
+        flag.write_text("1")
+        codes = []
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            codes.append(e.value.code().name)
+        assert codes == ["INTERNAL", "INTERNAL", "UNAVAILABLE"]
+        assert "circuit breaker open" in e.value.details()
+        pushback = dict(e.value.trailing_metadata() or ())
+        assert 25_000 <= int(pushback["grpc-retry-pushback-ms"]) <= 30_000
+        assert not stub.ModelReady(service_pb2.ModelReadyRequest(name="flaky"), timeout=30).ready
+    finally:
+        channel.close()
+        s.stop()
