@@ -355,6 +355,28 @@ class RoutesFile(_Strict):
         if dup:
             raise ValueError(f"endpoints routed twice: {dup}")
         return self
+class CircuitBreakerConfig(_Strict):
+    """`circuit_breaker:` of config.yaml: stop sending traffic to a failing version for a while."""
+
+    window_seconds: float = Field(default=10.0, gt=0)
+    """Rolling window of outcomes, seconds."""
+    min_requests: int = Field(default=20, ge=1)
+    """Fewer outcomes in the window: the breaker never opens."""
+    max_error_rate: float = Field(default=0.5, gt=0, le=1)
+    """Share of failures (500 backend error, 504 timeout, too slow) in the window that opens it."""
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    """A slower answer counts as a failure (slow-call rate); null = latency does not count."""
+    open_seconds: float = Field(default=5.0, ge=0)
+    """Cool-down while open (requests refused at once, 503), before half-open."""
+    half_open_probes: int = Field(default=3, ge=1)
+    """Requests let through half-open: all succeed -> closed; one fails -> open again."""
+
+
+class ResponseCacheConfig(_Strict):
+    """`response_cache:` of config.yaml: answer repeated identical inputs without running the model."""
+
+    max_bytes: int = Field(default=64 << 20, ge=1)
+    """LRU bound in bytes (keys + output arrays)."""
 
 
 class ModelConfig(_Strict):
@@ -381,6 +403,10 @@ class ModelConfig(_Strict):
     route: RouteSpec | None = None
     """How requests to this model's name are routed (split, shadow, fallback); None = every
     unversioned request goes to the latest serving version."""
+    circuit_breaker: CircuitBreakerConfig | None = None
+    """Open the version's breaker when it fails too often (absent = off)."""
+    response_cache: ResponseCacheConfig | None = None
+    """Cache answers per version, keyed by the inputs (absent = off)."""
 
     @model_validator(mode="after")
     def _batch_dim(self) -> "ModelConfig":

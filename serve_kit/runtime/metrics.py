@@ -17,6 +17,12 @@ Metrics (labels `model`, `version`; counters are cumulative across reloads of a 
     serve_kit_queue_depth                       gauge: requests waiting
     serve_kit_inflight_requests                 gauge: requests accepted and not yet answered
     serve_kit_model_ready                       gauge: 1 when the version is serving
+    serve_kit_breaker_state                     gauge: circuit breaker 0 closed, 1 open, 2 half_open
+    serve_kit_breaker_transitions_total{to}     breaker state changes (to = closed | open | half_open)
+    serve_kit_breaker_rejected_total            requests refused at once by an open breaker
+    serve_kit_cache_{hits,misses,evictions}_total, serve_kit_cache_bytes, serve_kit_cache_entries
+                                                response cache (versions with a breaker / cache
+                                                configured; counted since the version was loaded)
     process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
     process_open_fds, process_start_time_seconds   (the names Prometheus client libraries use)
 """
@@ -116,8 +122,39 @@ def _process_samples(w: _Writer) -> None:
         w.sample("process_open_fds", {}, fds)
 
 
+def _resilience_samples(w: _Writer, resilient: dict) -> None:
+    """Circuit breaker and response cache samples of the versions wrapped in resilience.Resilient."""
+    from .resilience import STATE_CODE
+
+    keys = sorted(resilient)
+    lab = {k: {"model": k[0], "version": str(k[1])} for k in keys}
+    breakers = [(k, resilient[k].breaker) for k in keys if resilient[k].breaker is not None]
+    caches = [(k, resilient[k].cache) for k in keys if resilient[k].cache is not None]
+    if breakers:
+        w.family("serve_kit_breaker_state", "gauge", "Circuit breaker state: 0 closed, 1 open, 2 half_open.")
+        for k, b in breakers:
+            w.sample("serve_kit_breaker_state", lab[k], STATE_CODE[b.state])
+        w.family("serve_kit_breaker_transitions_total", "counter", "Circuit breaker state changes, by new state.")
+        for k, b in breakers:
+            for to, n in sorted(b.transitions.items()):
+                w.sample("serve_kit_breaker_transitions_total", {**lab[k], "to": to}, n)
+        w.family("serve_kit_breaker_rejected_total", "counter", "Requests refused at once by an open breaker.")
+        for k, b in breakers:
+            w.sample("serve_kit_breaker_rejected_total", lab[k], b.rejected)
+    if caches:
+        for name, kind, attr, text in (
+                ("serve_kit_cache_hits_total", "counter", "hits", "Response cache hits."),
+                ("serve_kit_cache_misses_total", "counter", "misses", "Response cache misses."),
+                ("serve_kit_cache_evictions_total", "counter", "evictions", "Response cache LRU evictions."),
+                ("serve_kit_cache_bytes", "gauge", "bytes", "Response cache size in bytes (keys + arrays)."),
+                ("serve_kit_cache_entries", "gauge", "__len__", "Response cache entries.")):
+            w.family(name, kind, text)
+            for k, c in caches:
+                w.sample(name, lab[k], len(c) if attr == "__len__" else getattr(c, attr))
+
+
 def render_stats(stats: dict[tuple[str, int], SchedulerStats], ready: dict[tuple[str, int], bool] | None = None,
-                 process: bool = True) -> bytes:
+                 process: bool = True, resilient: dict | None = None) -> bytes:
     """The exposition text for per-(model, version) statistics."""
     w = _Writer()
     keys = sorted(stats)
@@ -176,6 +213,8 @@ def render_stats(stats: dict[tuple[str, int], SchedulerStats], ready: dict[tuple
         w.family("serve_kit_model_ready", "gauge", "1 when the model version is loaded and serving.")
         for k in sorted(ready):
             w.sample("serve_kit_model_ready", {"model": k[0], "version": str(k[1])}, int(ready[k]))
+    if resilient:
+        _resilience_samples(w, resilient)
     if process:
         _process_samples(w)
     return ("\n".join(w.lines) + "\n").encode()
@@ -192,7 +231,7 @@ class Metrics:
     def render(self) -> bytes:
         stats = self.manager.scheduler_stats()
         ready = {k: state == "READY" for k, state in self.manager.version_states().items()}
-        return render_stats(stats, ready) + render_routes(self.manager.router)
+        return render_stats(stats, ready, resilient=self.manager.resilient()) + render_routes(self.manager.router)
 
 
 def render_routes(router) -> bytes:

@@ -30,6 +30,7 @@ from ..compare import compare_outputs
 from ..config import RouteSpec
 from ..errors import ServeKitError
 from .batcher import LATENCY_BUCKETS_S, LogGate, SchedulerClosed
+from .resilience import BreakerOpen
 from .routing import Ref, Route, incompatibility
 from .types import BadRequest, InferError, InferRequest, Internal, NotFound, Timeout, Unavailable
 
@@ -78,8 +79,7 @@ def _code(e: BaseException | None) -> str:
 def fallback_reason(e: BaseException) -> str | None:
     """Why a fallback may answer instead (a metric label), or None when the failure is the
     request's own (a 4xx: another model would refuse it too)."""
-    names = {c.__name__ for c in type(e).__mro__}
-    if "BreakerOpen" in names:
+    if isinstance(e, BreakerOpen):
         return "breaker_open"
     if isinstance(e, (NotFound, SchedulerClosed, TargetNotServing)):
         return "not_ready"
@@ -194,11 +194,16 @@ class Router:
         route = self.routes.get(endpoint)
         if route is not None:
             return route
-        if self.manager.model_ready(endpoint):
+        if self._served(endpoint):
             return Route.build(endpoint, Route.default(endpoint).spec, generation=self._generation.get(endpoint, 0),
                                source="default", updated=0.0)
         raise NotFound(f"no route and no model called {endpoint!r}; endpoints: "
                        f"{', '.join(self.endpoints()) or 'none'}")
+
+    def _served(self, model: str) -> bool:
+        """A model with a version loaded (ready or not: an open breaker does not remove a route)."""
+        m = self.manager._models.get(model)
+        return m is not None and bool(m.routes)
 
     def endpoints(self) -> list[str]:
         served = [n for n, m in self.manager._models.items() if m.routes]
@@ -223,7 +228,7 @@ class Router:
 
     def clear(self, endpoint: str) -> Route:
         """Drop the API's route: back to the static route, or the default one."""
-        if endpoint not in self.routes and not self.manager.model_ready(endpoint):
+        if endpoint not in self.routes and not self._served(endpoint):
             raise NotFound(f"no route for endpoint {endpoint!r}")
         static = self._static.get(endpoint)
         if static is not None:
@@ -242,7 +247,7 @@ class Router:
         self._generation[endpoint] = gen
         if spec is None:
             self.routes.pop(endpoint, None)
-            route = self.get(endpoint) if self.manager.model_ready(endpoint) else None
+            route = self.get(endpoint) if self._served(endpoint) else None
             log.info("route %s: generation %d: default (latest version)", endpoint, gen)
             return route
         route = Route.build(endpoint, spec.model_copy(update={"endpoint": endpoint}), generation=gen, source=source)
