@@ -402,3 +402,31 @@ def test_resilient_cache_hits_skip_the_backend(tmp_path):
         await s.drain(5)
 
     arun(main())
+
+
+def test_a_hung_backend_opens_it_on_timeouts_so_requests_stop_piling_up(tmp_path):
+    from serve_kit.runtime.types import Timeout
+
+    ProbeBackend.reset()
+    cfg = probe_config("p", max_batch_size=1)
+
+    async def main():
+        inner = DynamicBatcher(cfg, [probe(tmp_path, hang_value=-2)], model="p", version=1)
+        s = Resilient(inner, breaker=CircuitBreaker(10, 3, 0.5, None, 30, 1))
+        stuck = s.submit_nowait({"x": row(-2)})  # holds the only instance
+        waiting = [s.submit_nowait({"x": row(i)}, timeout_us=50_000) for i in range(3)]
+        for f in waiting:
+            with pytest.raises(Timeout):
+                await f
+        await asyncio.sleep(0)  # outcomes are recorded by done-callbacks: let the last ones run
+        assert s.breaker.state == OPEN, s.breaker.snapshot()
+        depth = inner.queue_depth
+        for _ in range(20):
+            with pytest.raises(BreakerOpen):
+                s.submit_nowait({"x": row(1)})
+        assert inner.queue_depth == depth == 0 and s.breaker.rejected == 20
+        ProbeBackend.release.set()
+        await stuck
+        await s.drain(5)
+
+    arun(main())
