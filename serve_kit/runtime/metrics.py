@@ -22,7 +22,7 @@ Metrics (labels `model`, `version`; counters are cumulative across reloads of a 
     serve_kit_breaker_rejected_total            requests refused at once by an open breaker
     serve_kit_cache_{hits,misses,evictions}_total, serve_kit_cache_bytes, serve_kit_cache_entries
                                                 response cache (versions with a breaker / cache
-                                                configured; counted since the version was loaded)
+                                                configured; counters cumulative across reloads)
     process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
     process_open_fds, process_start_time_seconds   (the names Prometheus client libraries use)
 """

@@ -225,6 +225,8 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: list[DynamicBatcher] = []
         self._retired: dict[tuple[str, int], SchedulerStats] = {}
+        self._resilience_counts: dict[tuple[str, int], resilience.Counts] = {}
+        """Breaker / cache counters per (model, version), kept across reloads."""
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         self._stopping = False
@@ -477,7 +479,9 @@ class ModelManager:
                  backend, time.perf_counter() - t0)
         batcher = DynamicBatcher(config, instances, model=name, version=v, canary=runs[0] if runs else None,
                                  **self.scheduler_options)
-        return resilience.wrap(batcher, config)  # breaker / response cache when config.yaml asks
+        # A breaker / response cache when config.yaml asks; counters carried over from earlier loads.
+        counts = self._resilience_counts.setdefault((name, v), resilience.Counts())
+        return resilience.wrap(batcher, config, counts)
 
     # ------------------------------------------------------------------------------------------
     # Routing

@@ -57,6 +57,22 @@ class IdempotencyConflict(InferError):
 
 
 # ---------------------------------------------------------------------------------------------
+# Counters
+
+
+class Counts:
+    """The cumulative counters of one (model, version)'s breaker and cache. The manager hands the
+    same object to the breaker and cache of every reload of that version, so the metrics stay
+    monotonic across reloads (as the scheduler counters do)."""
+
+    __slots__ = ("transitions", "rejected", "hits", "misses", "evictions")
+
+    def __init__(self) -> None:
+        self.transitions = {CLOSED: 0, OPEN: 0, HALF_OPEN: 0}
+        self.rejected = self.hits = self.misses = self.evictions = 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Circuit breaker
 
 
@@ -69,7 +85,8 @@ class CircuitBreaker:
 
     def __init__(self, window_seconds: float = 10.0, min_requests: int = 20, max_error_rate: float = 0.5,
                  max_latency_ms: float | None = None, open_seconds: float = 5.0, half_open_probes: int = 3,
-                 *, buckets: int = 10, clock: Callable[[], float] = time.monotonic, label: str = ""):
+                 *, buckets: int = 10, clock: Callable[[], float] = time.monotonic, label: str = "",
+                 counts: Counts | None = None):
         if window_seconds <= 0 or min_requests < 1 or not 0 < max_error_rate <= 1 or open_seconds < 0 \
                 or half_open_probes < 1 or buckets < 1 or (max_latency_ms is not None and max_latency_ms <= 0):
             raise ValueError("invalid circuit breaker settings")
@@ -91,11 +108,18 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probes = 0  # admitted in this half-open period, not yet answered or succeeded
         self._probe_ok = 0
-        self.transitions = {CLOSED: 0, OPEN: 0, HALF_OPEN: 0}
-        self.rejected = 0
+        self.counts = counts or Counts()
         self.on_transition: Callable[[str, str], None] | None = None
 
     # -- reading ------------------------------------------------------------------------------
+
+    @property
+    def transitions(self) -> dict[str, int]:
+        return self.counts.transitions
+
+    @property
+    def rejected(self) -> int:
+        return self.counts.rejected
 
     @property
     def state(self) -> str:
@@ -134,7 +158,7 @@ class CircuitBreaker:
             if self._state == HALF_OPEN and self._probes < self.half_open_probes:
                 self._probes += 1
                 return self._ticket
-            self.rejected += 1
+            self.counts.rejected += 1
             return None
 
     def record(self, ticket: int, ok: bool | None, latency_s: float = 0.0) -> None:
@@ -175,7 +199,7 @@ class CircuitBreaker:
     def _move(self, to: str, now: float) -> None:
         prev, self._state = self._state, to
         self._ticket += 1
-        self.transitions[to] += 1
+        self.counts.transitions[to] += 1
         if to == OPEN:
             self._opened_at = now
         if to == HALF_OPEN:
@@ -246,7 +270,7 @@ class ResponseCache:
 
     Thread-safe (a lock around the dict); the hot path is one digest and one dict move."""
 
-    def __init__(self, max_bytes: int, model: str = "", version: int = 0):
+    def __init__(self, max_bytes: int, model: str = "", version: int = 0, counts: Counts | None = None):
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         self.max_bytes = int(max_bytes)
@@ -254,7 +278,19 @@ class ResponseCache:
         self._entries: OrderedDict[bytes, tuple[CachedOutputs, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
-        self.hits = self.misses = self.evictions = 0
+        self.counts = counts or Counts()
+
+    @property
+    def hits(self) -> int:
+        return self.counts.hits
+
+    @property
+    def misses(self) -> int:
+        return self.counts.misses
+
+    @property
+    def evictions(self) -> int:
+        return self.counts.evictions
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -267,10 +303,10 @@ class ResponseCache:
         with self._lock:
             e = self._entries.get(key)
             if e is None:
-                self.misses += 1
+                self.counts.misses += 1
                 return None
             self._entries.move_to_end(key)
-            self.hits += 1
+            self.counts.hits += 1
         return CachedOutputs(e[0])
 
     def put(self, key: bytes, outputs: dict[str, np.ndarray]) -> bool:
@@ -293,7 +329,7 @@ class ResponseCache:
             while self.bytes > self.max_bytes:
                 _, (_, s) = self._entries.popitem(last=False)
                 self.bytes -= s
-                self.evictions += 1
+                self.counts.evictions += 1
         return True
 
 
@@ -412,15 +448,17 @@ class Resilient:
             self.cache.put(key, fut.result())
 
 
-def wrap(inner, config) -> Any:
-    """`inner` wrapped as `config` (a ModelConfig) asks: a Resilient, or `inner` itself."""
+def wrap(inner, config, counts: Counts | None = None) -> Any:
+    """`inner` wrapped as `config` (a ModelConfig) asks: a Resilient, or `inner` itself. `counts`:
+    the version's counters carried over from its previous loads."""
     cb, rc = config.circuit_breaker, config.response_cache
     if cb is None and rc is None:
         return inner
+    counts = counts or Counts()
     breaker = None if cb is None else CircuitBreaker(
         cb.window_seconds, cb.min_requests, cb.max_error_rate, cb.max_latency_ms, cb.open_seconds,
-        cb.half_open_probes, label=f"{inner.model}:{inner.version}")
-    cache = None if rc is None else ResponseCache(rc.max_bytes, inner.model, inner.version)
+        cb.half_open_probes, label=f"{inner.model}:{inner.version}", counts=counts)
+    cache = None if rc is None else ResponseCache(rc.max_bytes, inner.model, inner.version, counts)
     return Resilient(inner, breaker, cache)
 
 
@@ -575,6 +613,6 @@ class IdempotencyTable:
             self.bytes -= e.size
 
 
-__all__ = ["BreakerOpen", "CachedOutputs", "CircuitBreaker", "IdempotencyConflict", "IdempotencyTable",
+__all__ = ["BreakerOpen", "CachedOutputs", "CircuitBreaker", "Counts", "IdempotencyConflict", "IdempotencyTable",
            "ResponseCache", "Resilient", "check_key", "request_digest", "tensors_digest", "wrap",
            "CLOSED", "OPEN", "HALF_OPEN", "STATE_CODE"]

@@ -145,6 +145,9 @@ def test_cache_serves_hits_without_executions_and_never_across_versions(tmp_path
         r1 = infer(s.port, "mlp", x, version=1)
         np.testing.assert_allclose(np.array(r1.json()["outputs"][0]["data"], np.float32).reshape(2, 4), y1,
                                    rtol=1e-5, atol=1e-6)
+        # The reload emptied version 1's cache (a miss), but its counters carry on.
+        v1 = stats_of(s.port, "mlp", 1)["inference_stats"]
+        assert (v1["cache_hit"]["count"], v1["cache_miss"]["count"]) == (3, 2)
         r2b = infer(s.port, "mlp", x, version=2)
         assert r2b.json()["outputs"] == r2.json()["outputs"]
         assert stats_of(s.port, "mlp", 2)["inference_stats"]["cache_hit"]["count"] == 1
