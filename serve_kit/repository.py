@@ -353,6 +353,9 @@ def disk_error(e: BaseException, path: object = None) -> RepositoryError | None:
 
 def dump_config(config: ModelConfig) -> str:
     data = config.model_dump(mode="json")
+    for key in ("route", "circuit_breaker", "response_cache"):  # opt-in sections: absent means off
+        if data.get(key) is None:
+            data.pop(key, None)
     return ("# serve-kit model configuration; see the README's reference of config.yaml.\n"
             + yaml.safe_dump(data, sort_keys=False))
 
