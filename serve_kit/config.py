@@ -250,6 +250,135 @@ class Warmup(_Strict):
     """`samples`: the version's stored evaluation samples; `zeros`: zero-filled tensors."""
 
 
+_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class RouteTarget(_Strict):
+    """One model version a route sends traffic to."""
+
+    model: str = Field(pattern=_MODEL_NAME)
+    """A model of the repository (the endpoint's own, or another with the same signature)."""
+    version: int | None = Field(default=None, ge=1)
+    """The version; None = that model's latest serving version, resolved per request."""
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    """Relative share of the split (share = weight / sum of the weights)."""
+
+    def label(self) -> str:
+        return f"{self.model}:{self.version if self.version is not None else 'latest'}"
+
+
+class StickyKey(_Strict):
+    """Where a request's assignment key comes from: the same key always lands on the same target."""
+
+    header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", max_length=128)
+    """An HTTP header (gRPC: the metadata key of the same name), e.g. x-user-id."""
+    parameter: str | None = Field(default=None, min_length=1, max_length=128)
+    """A request parameter of the inference request, e.g. user_id."""
+
+    @model_validator(mode="after")
+    def _one(self) -> "StickyKey":
+        if (self.header is None) == (self.parameter is None):
+            raise ValueError("sticky needs exactly one of header or parameter")
+        if self.header is not None:
+            self.__dict__["header"] = self.header.lower()
+        return self
+
+
+class ShadowTarget(_Strict):
+    """A candidate that also gets a share of the requests; its answers are discarded and compared."""
+
+    model: str = Field(pattern=_MODEL_NAME)
+    version: int | None = Field(default=None, ge=1)
+    percent: float = Field(default=100.0, ge=0, le=100, allow_inf_nan=False)
+    """Share of the endpoint's answered requests mirrored to it."""
+    max_inflight: int = Field(default=32, ge=1, le=4096)
+    """Mirrored requests running at once; beyond it a mirror is dropped (shed first under load)."""
+
+    def label(self) -> str:
+        return f"{self.model}:{self.version if self.version is not None else 'latest'}"
+
+
+class FallbackTarget(_Strict):
+    model: str = Field(pattern=_MODEL_NAME)
+    version: int | None = Field(default=None, ge=1)
+
+    def label(self) -> str:
+        return f"{self.model}:{self.version if self.version is not None else 'latest'}"
+
+
+class RouteSpec(_Strict):
+    """How requests to an endpoint (a model name as clients call it) are routed: `route:` in a
+    model's config.yaml, an entry of the repository's routes.yaml, or the management API
+    (`PUT /v2/routes/{endpoint}`). The vocabulary of Seldon Core 2 experiments (candidates with
+    weights, a mirror) and Flagger (weights stepped by a controller)."""
+
+    endpoint: str | None = Field(default=None, pattern=_MODEL_NAME)
+    """The endpoint's name; in a model's config.yaml it is the model's own name."""
+    targets: list[RouteTarget] = Field(min_length=1, max_length=64)
+    """The split. One target is a blue-green route: the whole endpoint on one version."""
+    sticky: StickyKey | None = None
+    """Assign by a key (consistent hashing) instead of at random per request."""
+    shadow: ShadowTarget | None = None
+    compare: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    """Share of the requests a target other than the first answered that also run on the first
+    (the champion), to measure live agreement from the split traffic itself."""
+    fallback: list[FallbackTarget] = Field(default_factory=list, max_length=8)
+    """Tried in order when the answer fails (backend error, timeout, overload, open breaker, not
+    ready); a fallback answer is marked as such to the client and in metrics."""
+
+    @model_validator(mode="after")
+    def _weights(self) -> "RouteSpec":
+        total = sum(t.weight for t in self.targets)
+        if not total > 0:
+            raise ValueError(f"the targets' weights must sum to a positive number, got {total:g} "
+                             f"({', '.join(f'{t.label()}={t.weight:g}' for t in self.targets)})")
+        labels = [t.label() for t in self.targets]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"targets listed twice: {dup}")
+        return self
+
+
+class RoutesFile(_Strict):
+    """`<repository>/routes.yaml`: routes of endpoints, by name."""
+
+    routes: list[RouteSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _named(self) -> "RoutesFile":
+        names = []
+        for r in self.routes:
+            if r.endpoint is None:
+                raise ValueError("every route in routes.yaml needs an endpoint")
+            names.append(r.endpoint)
+        dup = sorted({x for x in names if names.count(x) > 1})
+        if dup:
+            raise ValueError(f"endpoints routed twice: {dup}")
+        return self
+class CircuitBreakerConfig(_Strict):
+    """`circuit_breaker:` of config.yaml: stop sending traffic to a failing version for a while."""
+
+    window_seconds: float = Field(default=10.0, gt=0)
+    """Rolling window of outcomes, seconds."""
+    min_requests: int = Field(default=20, ge=1)
+    """Fewer outcomes in the window: the breaker never opens."""
+    max_error_rate: float = Field(default=0.5, gt=0, le=1)
+    """Share of failures (500 backend error, 504 timeout, too slow) in the window that opens it."""
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    """A slower answer counts as a failure (slow-call rate); null = latency does not count."""
+    open_seconds: float = Field(default=5.0, ge=0)
+    """Cool-down while open (requests refused at once, 503), before half-open."""
+    half_open_probes: int = Field(default=3, ge=1)
+    """Requests let through half-open: all succeed -> closed; one fails -> open again."""
+
+
+class ResponseCacheConfig(_Strict):
+    """`response_cache:` of config.yaml: answer repeated identical inputs without running the model."""
+
+    max_bytes: int = Field(default=64 << 20, ge=1)
+    """LRU bound in bytes (keys + output arrays)."""
+
+
 class ModelConfig(_Strict):
     """`<repo>/<model>/config.yaml`: how a model is served."""
 
@@ -271,6 +400,13 @@ class ModelConfig(_Strict):
     warmup: Warmup = Field(default_factory=Warmup)
     parameters: dict[str, str] = Field(default_factory=dict)
     """Backend parameters (e.g. intra_op_threads)."""
+    route: RouteSpec | None = None
+    """How requests to this model's name are routed (split, shadow, fallback); None = every
+    unversioned request goes to the latest serving version."""
+    circuit_breaker: CircuitBreakerConfig | None = None
+    """Open the version's breaker when it fails too often (absent = off)."""
+    response_cache: ResponseCacheConfig | None = None
+    """Cache answers per version, keyed by the inputs (absent = off)."""
 
     @model_validator(mode="after")
     def _batch_dim(self) -> "ModelConfig":

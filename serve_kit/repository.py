@@ -43,11 +43,13 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no staging locks, stale folders are left
     fcntl = None
 
-from .config import ModelConfig, parse_model
+from .config import ModelConfig, RoutesFile, parse_model
 from .errors import RepositoryError, ServeKitError
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
+ROUTES = "routes.yaml"
+"""The repository-level routes of endpoints (config.RoutesFile); optional."""
 MANIFEST_FORMAT = "serve-kit/manifest@1"
 
 
@@ -351,6 +353,9 @@ def disk_error(e: BaseException, path: object = None) -> RepositoryError | None:
 
 def dump_config(config: ModelConfig) -> str:
     data = config.model_dump(mode="json")
+    for key in ("route", "circuit_breaker", "response_cache"):  # opt-in sections: absent means off
+        if data.get(key) is None:
+            data.pop(key, None)
     return ("# serve-kit model configuration; see the README's reference of config.yaml.\n"
             + yaml.safe_dump(data, sort_keys=False))
 
@@ -567,22 +572,33 @@ class Repository:
             raise RepositoryError("model has no config.yaml", value=model, origin="repository",
                                   hint=f"models here: {', '.join(self.models()) or 'none'}")
         origin = str(d / CONFIG)  # the server shows it redacted (redact_paths)
+        return parse_model(ModelConfig, self._yaml(d, CONFIG, origin), origin)
+
+    def routes(self) -> RoutesFile | None:
+        """The repository's routes.yaml (endpoint routes), or None when it has none."""
+        path = self.root / ROUTES
+        if not path.exists() and not path.is_symlink():
+            return None
+        origin = str(path)
+        return parse_model(RoutesFile, self._yaml(self.root, ROUTES, origin) or {}, origin)
+
+    def _yaml(self, d: Path, name: str, origin: str):
+        """A YAML file of the repository, read bounded (`max_metadata_bytes`), without aliases."""
         try:
-            path = checked_file(d, CONFIG, CONFIG)
+            path = checked_file(d, name, name)
             text = read_bounded(path, self.limits.max_metadata_bytes, origin).decode("utf-8")
         except UnicodeDecodeError:
-            raise RepositoryError("config.yaml is not UTF-8 text", origin=origin) from None
+            raise RepositoryError(f"{name} is not UTF-8 text", origin=origin) from None
         except OSError as e:
-            raise RepositoryError(f"config.yaml cannot be read: {e.strerror or e}", origin=origin) from None
+            raise RepositoryError(f"{name} cannot be read: {e.strerror or e}", origin=origin) from None
         except RepositoryError as e:
             raise RepositoryError(e.message, value=e.value, origin=origin, hint=e.hint) from None
         try:
-            data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
+            return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
         except yaml.YAMLError as e:
             raise RepositoryError(f"not valid YAML: {e}", origin=origin) from None
         except RecursionError:
-            raise RepositoryError("config.yaml is nested too deeply", origin=origin) from None
-        return parse_model(ModelConfig, data, origin)
+            raise RepositoryError(f"{name} is nested too deeply", origin=origin) from None
 
     def version_numbers(self, model: str) -> list[int]:
         d = self.model_dir(model)

@@ -15,7 +15,8 @@ from hypothesis.extra import numpy as hnp
 import sk_models
 from serve_kit.config import DEFAULT_GATES, DataSpec, GateConfig, LatencySpec, SourceSpec, TargetSpec, parse_gate_args
 from serve_kit.errors import DataError, InputError, UsageError
-from serve_kit.optimize import validate as V
+from serve_kit import compare as C
+
 from serve_kit.optimize.target_args import parse_target_arg, parse_target_args
 from serve_kit.optimize.validate import Metric, apply_gate, compare_outputs, detect_kind
 
@@ -97,10 +98,10 @@ def test_kind_detection():
     logits = rng.normal(size=(50, 10)).astype(np.float32)
     softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     assert detect_kind("output", softmax) == "probability"
-    assert V._decision("probability", softmax, 0.5) == "argmax"
+    assert C._decision("probability", softmax, 0.5) == "argmax"
     sig = 1 / (1 + np.exp(-logits))
     assert detect_kind("output", sig) == "probability"
-    assert V._decision("probability", sig, 0.5) == "threshold 0.5"  # independent probabilities
+    assert C._decision("probability", sig, 0.5) == "threshold 0.5"  # independent probabilities
     assert detect_kind("logits", logits) == "logits"
     assert detect_kind("cls_score", logits) == "logits"
     assert detect_kind("output_0", logits, classifier=True) == "logits"
@@ -251,12 +252,12 @@ def test_non_finite_values_fail_unless_the_reference_has_the_same():
 def test_chunked_comparison_gives_the_same_figures(arr, noise, chunk):
     got = arr + noise[0] * np.sin(np.arange(arr.size, dtype=np.float32)).reshape(arr.shape)
     whole = compare_outputs({"y": arr}, {"y": got})["y"]
-    saved = V._CHUNK_ELEMENTS
-    V._CHUNK_ELEMENTS = chunk
+    saved = C._CHUNK_ELEMENTS
+    C._CHUNK_ELEMENTS = chunk
     try:
         parts = compare_outputs({"y": arr}, {"y": got})["y"]
     finally:
-        V._CHUNK_ELEMENTS = saved
+        C._CHUNK_ELEMENTS = saved
     for k, v in whole.items():
         if isinstance(v, float):
             assert parts[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k

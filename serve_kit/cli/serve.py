@@ -62,6 +62,9 @@ def serve(
     max_samples_mb: float = typer.Option(256.0, "--max-samples-mb", min=0.001,
                                          help="Uncompressed MiB read from one samples.npz; warm-up inflates only "
                                               "the rows it runs, never object arrays."),
+    log_level: str = typer.Option("info", "--log-level",
+                                  help="The runtime's log lines on stderr: debug, info (model loads, route "
+                                       "changes, failures), warning or error."),
 ) -> None:
     """Serve a model repository over the Open Inference Protocol (HTTP and gRPC) with dynamic batching.
 
@@ -74,6 +77,10 @@ def serve(
     if not repository.is_dir():
         raise RepositoryError("repository folder not found", value=str(repository), origin="REPOSITORY",
                               hint="write one with `serve-kit optimize --recipe digits-cnn -r PATH`")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise UsageError("unknown log level", value=log_level, origin="--log-level",
+                         hint="use debug, info, warning or error")
+    _runtime_logging(log_level)
     if enable_management and not management_token:
         raise UsageError("--enable-management needs --management-token (or $SERVE_KIT_MANAGEMENT_TOKEN)",
                          origin="--enable-management", hint="management endpoints are never open without a token")
@@ -115,3 +122,15 @@ def serve(
     code = run(options)
     err.print("stopped")
     raise typer.Exit(code)
+
+
+def _runtime_logging(level: str) -> None:
+    """The runtime's log lines (serve_kit.runtime) to stderr at `level`; the libraries stay quiet."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("serve_kit")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False

@@ -74,6 +74,26 @@ same mechanism (503 past it) and has no default of its own. 2 s: an answer later
 less to an interactive client than a fast 503 it can retry elsewhere, and it is far above the
 queue time of a server that keeps up (milliseconds: a few executions), so only a backlog sheds."""
 
+class LogGate:
+    """At most one log line per `interval` seconds for a recurring event (a backend failing every
+    batch must not flood the log, or block a server whose stderr nobody reads); `allow()` returns
+    how many were suppressed since the last line, or None to stay quiet."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def allow(self) -> int | None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        self._next = now + self.interval
+        n, self._suppressed = self._suppressed, 0
+        return n
+
+
 class SchedulerClosed(Unavailable):
     """The scheduler stopped accepting requests (draining for a reload, unload or shutdown).
 
@@ -246,6 +266,7 @@ class DynamicBatcher:
         self.model = model or config.name
         self.version = version
         self._label = f"model {self.model!r} version {version}"
+        self._failure_log = LogGate()
         self._input_names = [t.name for t in config.inputs]
         self._max_bs = config.max_batch_size
         db = config.dynamic_batching
@@ -869,8 +890,10 @@ class DynamicBatcher:
         label = self._label
         loop = batch[0].loop
         n = len(batch)
-        log.warning("%s: backend failed on a batch of %d request(s): %s: %s", label, n,
-                    type(first).__name__, first)
+        more = self._failure_log.allow()
+        if more is not None:
+            log.warning("%s: backend failed on a batch of %d request(s): %s: %s%s", label, n,
+                        type(first).__name__, first, f" ({more} more failed batches since the last line)" if more else "")
         runs = 0
 
         def fail_internal(reqs: list[_Request], e: Exception) -> None:
@@ -895,8 +918,9 @@ class DynamicBatcher:
                 backend.infer(canary)
                 healthy = True
             except Exception as e:  # noqa: BLE001 - the backend fails a known-good input: its fault
-                log.error("%s: the backend also fails an input it ran before (%s: %s): failing the batch",
-                          label, type(e).__name__, e)
+                if more is not None:
+                    log.error("%s: the backend also fails an input it ran before (%s: %s): failing the batch",
+                              label, type(e).__name__, e)
                 stats.isolation_runs += runs
                 fail_internal(batch, first)
                 return canary, True

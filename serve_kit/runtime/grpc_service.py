@@ -223,6 +223,11 @@ def encode_infer_response(resp: InferResponse, config: ModelConfig, req: InferRe
     return out
 
 
+def _metadata(context: aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata, names lower-case (gRPC's own), as the router reads headers."""
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
 def _from_json(doc: Any, message):
     """Fill a message from a document shaped like Triton's HTTP JSON (the manager's and codec's)."""
     return json_format.ParseDict(doc, message, ignore_unknown_fields=True)
@@ -319,20 +324,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return _from_json(self.manager.stats(request.name or None, version), pb.ModelStatisticsResponse())
 
     # -- inference ----------------------------------------------------------------------------
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, metadata: dict | None = None) -> pb.ModelInferResponse:
         config = self.manager.config(request.model_name)
         req = decode_infer_request(request, config, self.max_elements)
+        req.headers = metadata
         resp = await self.manager.infer(req)
         return encode_infer_response(resp, config, req)
 
     @_unary
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
+        return await self._infer(request, _metadata(context))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request runs as soon as it arrives; responses go out as they finish (clients match
         them by `id`). A failed request is a response with `error_message`; the stream goes on."""
         loop = asyncio.get_running_loop()
+        metadata = _metadata(context)
         results: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         # Stop reading when this many requests are running: gRPC flow control then slows the
@@ -345,7 +352,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await results.put(pb.ModelStreamInferResponse(error_message=str(request)))
                 return
             try:
-                out = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                out = pb.ModelStreamInferResponse(infer_response=await self._infer(request, metadata))
             except asyncio.CancelledError:
                 raise
             except Exception as e:

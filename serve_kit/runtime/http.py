@@ -26,7 +26,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
+from pydantic import ValidationError
+
 from .. import __version__
+from ..config import RouteSpec, model_errors
 from . import protocol
 from .types import BadRequest, InferError, NotFound, PayloadTooLarge, Unavailable
 
@@ -68,6 +71,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?$")
 _ALL_STATS_PATH = "/v2/models/stats"  # Triton's statistics of every model (tritonclient's default)
 _REPO_PATH = re.compile(r"^/v2/repository/(index|models/([^/]+)/(load|unload))$")
+_ROUTES_PATH = re.compile(r"^/v2/routes(?:/([^/]+))?$")
 
 
 @dataclass
@@ -165,8 +169,10 @@ class Frontend:
             except Exception as e:  # noqa: BLE001 - a bug: answered 500
                 return _internal(e)
             try:
-                body, headers = protocol.encode_infer_response(self.manager.response(infer_req, sched, outputs),
-                                                               config, infer_req)
+                resp = self.manager.response(infer_req, sched, outputs)
+                body, headers = protocol.encode_infer_response(resp, config, infer_req)
+                if resp.parameters:
+                    _answer_headers(resp.parameters, headers)
             except InferError as e:
                 return error_response(e)
             except Exception as e:  # noqa: BLE001
@@ -184,7 +190,9 @@ class Frontend:
             plans = self._plans.get(model)
             if plans is None or plans[0] is not config:  # a reload brings a new config: new plans
                 plans = self._plans[model] = (config, {})
-            return protocol.decode_infer_request(req.body, hl, config, model, version, plans=plans[1])
+            infer_req = protocol.decode_infer_request(req.body, hl, config, model, version, plans=plans[1])
+            infer_req.headers = req.headers
+            return infer_req
         except InferError as e:
             self._count_refused(model, version, e.status)
             raise
@@ -222,6 +230,9 @@ class Frontend:
         match = _REPO_PATH.match(path)
         if match:
             return await self._repository(req, match.group(1), match.group(2), match.group(3))
+        match = _ROUTES_PATH.match(path)
+        if match:
+            return self._routes(req, match.group(1))
         raise NotFound(f"no such endpoint: {m} {path}")
 
     async def _model(self, req: Request, model: str, version: int | None, action: str) -> Response:
@@ -232,6 +243,8 @@ class Frontend:
             infer_req = self._decode(req, config, model, version)
             resp = await self.manager.infer(infer_req)
             body, headers = protocol.encode_infer_response(resp, config, infer_req)
+            if resp.parameters:
+                _answer_headers(resp.parameters, headers)
             return Response(200, body, headers)
         if req.method != "GET" and not (action == "/stats" and req.method == "POST"):
             return not_allowed("GET, POST" if action == "/stats" else "GET",
@@ -258,6 +271,40 @@ class Frontend:
             return  # no version serving to count it against
         scheduler.record_refused(status)
 
+    def _unauthorized(self, req: Request) -> Response | None:
+        """403 when management is off, 401 without the right bearer token; None when allowed."""
+        if self.management_token is None:
+            return json_response({"error": "model management is disabled; start the server with "
+                                           "--enable-management --management-token TOKEN"}, 403)
+        given = req.headers.get("authorization", "").encode("latin-1")
+        # Constant-time: how long a wrong guess takes must not tell how much of it was right.
+        if not hmac.compare_digest(given, f"Bearer {self.management_token}".encode("utf-8", "surrogatepass")):
+            return json_response({"error": "missing or wrong management token (Authorization: Bearer TOKEN)"}, 401)
+        return None
+
+    def _routes(self, req: Request, endpoint: str | None) -> Response:
+        """The route management API (contract in README "Rolling out a new version"): GET is open,
+        PUT and DELETE need the management token."""
+        router = self.manager.router
+        if endpoint is None:
+            if req.method != "GET":
+                return not_allowed("GET", "use GET for the routes; PUT or DELETE /v2/routes/{endpoint} changes one")
+            return json_response({"routes": [r.state() for r in router.all()]})
+        protocol.check_model_name(endpoint, "route")
+        if req.method == "GET":
+            return json_response(router.get(endpoint).state())
+        if req.method not in ("PUT", "DELETE"):
+            return not_allowed("GET, PUT, DELETE", "use GET, PUT or DELETE for a route")
+        refused = self._unauthorized(req)
+        if refused is not None:
+            return refused
+        if req.method == "DELETE":
+            route = router.clear(endpoint)
+        else:
+            spec, if_generation = _route_body(req.body)
+            route = router.set(endpoint, spec, if_generation=if_generation)
+        return json_response(route.state() if route is not None else {"endpoint": endpoint, "source": "none"})
+
     async def _repository(self, req: Request, what: str, model: str | None, action: str | None) -> Response:
         if req.method != "POST":
             return not_allowed("POST", "use POST for the repository extension")
@@ -266,13 +313,9 @@ class Frontend:
             if _body_object(req.body, "repository index").get("ready") is True:
                 index = [m for m in index if m.get("state") == "READY"]
             return json_response(index)
-        if self.management_token is None:
-            return json_response({"error": "model management is disabled; start the server with "
-                                           "--enable-management --management-token TOKEN"}, 403)
-        given = req.headers.get("authorization", "").encode("latin-1")
-        # Constant-time: how long a wrong guess takes must not tell how much of it was right.
-        if not hmac.compare_digest(given, f"Bearer {self.management_token}".encode("utf-8", "surrogatepass")):
-            return json_response({"error": "missing or wrong management token (Authorization: Bearer TOKEN)"}, 401)
+        refused = self._unauthorized(req)
+        if refused is not None:
+            return refused
         protocol.check_model_name(model, action)
         params = _body_object(req.body, action).get("parameters") or {}
         if type(params) is not dict:
@@ -286,6 +329,28 @@ class Frontend:
         if asyncio.iscoroutine(result):
             await result
         return Response(200)
+
+
+def _route_body(body: bytes) -> tuple[RouteSpec, int | None]:
+    doc = _body_object(body, "route")
+    if_generation = doc.pop("if_generation", None)
+    if if_generation is not None and (type(if_generation) is not int or if_generation < 0):
+        raise BadRequest(f"route: 'if_generation' must be a non-negative integer, got {if_generation!r}")
+    try:
+        return RouteSpec.model_validate(doc), if_generation
+    except ValidationError as e:
+        raise BadRequest("invalid route: " + model_errors(e)[:2000]) from None
+
+
+def _answer_headers(parameters: dict, headers: dict) -> None:
+    """Who answered, as headers too (contract: `serve-kit-target`, `-fallback`, `-cache`)."""
+    target = parameters.get("serve_kit_target")
+    if target:
+        headers["serve-kit-target"] = target
+    if parameters.get("serve_kit_fallback"):
+        headers["serve-kit-fallback"] = "1"
+    if parameters.get("serve_kit_cache_hit"):
+        headers["serve-kit-cache"] = "hit"
 
 
 def _body_object(body: bytes, what: str) -> dict:

@@ -17,6 +17,12 @@ Metrics (labels `model`, `version`; counters are cumulative across reloads of a 
     serve_kit_queue_depth                       gauge: requests waiting
     serve_kit_inflight_requests                 gauge: requests accepted and not yet answered
     serve_kit_model_ready                       gauge: 1 when the version is serving
+    serve_kit_breaker_state                     gauge: circuit breaker 0 closed, 1 open, 2 half_open
+    serve_kit_breaker_transitions_total{to}     breaker state changes (to = closed | open | half_open)
+    serve_kit_breaker_rejected_total            requests refused at once by an open breaker
+    serve_kit_cache_{hits,misses,evictions}_total, serve_kit_cache_bytes, serve_kit_cache_entries
+                                                response cache (versions with a breaker / cache
+                                                configured; counters cumulative across reloads)
     process_cpu_seconds_total, process_resident_memory_bytes, process_virtual_memory_bytes,
     process_open_fds, process_start_time_seconds   (the names Prometheus client libraries use)
 """
@@ -116,8 +122,39 @@ def _process_samples(w: _Writer) -> None:
         w.sample("process_open_fds", {}, fds)
 
 
+def _resilience_samples(w: _Writer, resilient: dict) -> None:
+    """Circuit breaker and response cache samples of the versions wrapped in resilience.Resilient."""
+    from .resilience import STATE_CODE
+
+    keys = sorted(resilient)
+    lab = {k: {"model": k[0], "version": str(k[1])} for k in keys}
+    breakers = [(k, resilient[k].breaker) for k in keys if resilient[k].breaker is not None]
+    caches = [(k, resilient[k].cache) for k in keys if resilient[k].cache is not None]
+    if breakers:
+        w.family("serve_kit_breaker_state", "gauge", "Circuit breaker state: 0 closed, 1 open, 2 half_open.")
+        for k, b in breakers:
+            w.sample("serve_kit_breaker_state", lab[k], STATE_CODE[b.state])
+        w.family("serve_kit_breaker_transitions_total", "counter", "Circuit breaker state changes, by new state.")
+        for k, b in breakers:
+            for to, n in sorted(b.transitions.items()):
+                w.sample("serve_kit_breaker_transitions_total", {**lab[k], "to": to}, n)
+        w.family("serve_kit_breaker_rejected_total", "counter", "Requests refused at once by an open breaker.")
+        for k, b in breakers:
+            w.sample("serve_kit_breaker_rejected_total", lab[k], b.rejected)
+    if caches:
+        for name, kind, attr, text in (
+                ("serve_kit_cache_hits_total", "counter", "hits", "Response cache hits."),
+                ("serve_kit_cache_misses_total", "counter", "misses", "Response cache misses."),
+                ("serve_kit_cache_evictions_total", "counter", "evictions", "Response cache LRU evictions."),
+                ("serve_kit_cache_bytes", "gauge", "bytes", "Response cache size in bytes (keys + arrays)."),
+                ("serve_kit_cache_entries", "gauge", "__len__", "Response cache entries.")):
+            w.family(name, kind, text)
+            for k, c in caches:
+                w.sample(name, lab[k], len(c) if attr == "__len__" else getattr(c, attr))
+
+
 def render_stats(stats: dict[tuple[str, int], SchedulerStats], ready: dict[tuple[str, int], bool] | None = None,
-                 process: bool = True) -> bytes:
+                 process: bool = True, resilient: dict | None = None) -> bytes:
     """The exposition text for per-(model, version) statistics."""
     w = _Writer()
     keys = sorted(stats)
@@ -176,6 +213,8 @@ def render_stats(stats: dict[tuple[str, int], SchedulerStats], ready: dict[tuple
         w.family("serve_kit_model_ready", "gauge", "1 when the model version is loaded and serving.")
         for k in sorted(ready):
             w.sample("serve_kit_model_ready", {"model": k[0], "version": str(k[1])}, int(ready[k]))
+    if resilient:
+        _resilience_samples(w, resilient)
     if process:
         _process_samples(w)
     return ("\n".join(w.lines) + "\n").encode()
@@ -192,7 +231,62 @@ class Metrics:
     def render(self) -> bytes:
         stats = self.manager.scheduler_stats()
         ready = {k: state == "READY" for k, state in self.manager.version_states().items()}
-        return render_stats(stats, ready)
+        return render_stats(stats, ready, resilient=self.manager.resilient()) + render_routes(self.manager.router)
+
+
+def render_routes(router) -> bytes:
+    """The router's metrics (runtime/router.py): per endpoint and the target that answered."""
+    w = _Writer()
+    c = router.counters
+
+    def lab(key: tuple, *names: str) -> dict[str, str]:
+        return dict(zip(names, key))
+
+    w.family("serve_kit_route_requests_total", "counter",
+             "Requests to routed endpoints by the target that answered, its role (primary, fallback, shadow, "
+             "compare) and the status (HTTP code).")
+    for k in sorted(c.requests):
+        w.sample("serve_kit_route_requests_total", lab(k, "endpoint", "model", "version", "role", "code"), c.requests[k])
+    w.family("serve_kit_route_request_duration_seconds", "histogram",
+             "Time from routing a request to its target's answer (queue and compute), by target and role.")
+    for k in sorted(c.durations):
+        h = c.durations[k]
+        w.histogram("serve_kit_route_request_duration_seconds", lab(k, "endpoint", "model", "version", "role"),
+                    LATENCY_BUCKETS_S, h.counts, h.total)
+    routes = router.all()
+    w.family("serve_kit_route_weight", "gauge", "Share (0..1) of an endpoint's requests its route sends to a target.")
+    for r in routes:
+        for t, share in zip(r.targets, r.shares):
+            w.sample("serve_kit_route_weight", {"endpoint": r.endpoint, "model": t.model,
+                                                "version": str(t.version) if t.version is not None else "latest"}, share)
+    w.family("serve_kit_route_generation", "gauge", "Changes made to an endpoint's route (its generation).")
+    for r in routes:
+        w.sample("serve_kit_route_generation", {"endpoint": r.endpoint}, r.generation)
+    labels4 = ("endpoint", "model", "version", "source")
+    with c.lock:
+        for name, table, text in (
+                ("serve_kit_shadow_agreement", c.agreement,
+                 "Rows compared between a mirrored target and the reference (_count) and the rows that agree "
+                 "(_sum): top-1 decision for class scores, else cosine."),
+                ("serve_kit_shadow_cosine", c.cosine, "Cosine similarity with the reference, summed over compared rows."),
+                ("serve_kit_shadow_max_abs_error", c.max_abs_error,
+                 "Largest absolute error against the reference per compared batch, summed over its rows.")):
+            w.family(name, "summary", text)
+            for k in sorted(table):
+                w.sample(f"{name}_sum", lab(k, *labels4), table[k].total)
+                w.sample(f"{name}_count", lab(k, *labels4), table[k].count)
+    w.family("serve_kit_shadow_dropped_total", "counter",
+             "Mirrored requests not compared: shed (bound reached, target refused) or error (the target failed).")
+    for k in sorted(c.dropped):
+        w.sample("serve_kit_shadow_dropped_total", lab(k, "endpoint", "model", "version", "reason"), c.dropped[k])
+    w.family("serve_kit_fallbacks_total", "counter", "Requests a fallback answered, by fallback target and reason.")
+    for k in sorted(c.fallbacks):
+        w.sample("serve_kit_fallbacks_total", lab(k, "endpoint", "model", "version", "reason"), c.fallbacks[k])
+    w.family("serve_kit_idempotent_replays_total", "counter",
+             "Retried requests (same Idempotency-Key) answered from the first attempt without running again.")
+    for k in sorted(c.replays):
+        w.sample("serve_kit_idempotent_replays_total", {"endpoint": k}, c.replays[k])
+    return ("\n".join(w.lines) + "\n").encode()
 
 
 def render(manager: "ModelManager") -> bytes:

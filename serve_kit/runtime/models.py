@@ -29,8 +29,10 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ModelLoadError, RepositoryError, ServeKitError
 from ..repository import Limits, Repository, check_model_name, is_model_name, redact_paths
+from . import resilience
 from .backends import Backend, load_backend
 from .batcher import DynamicBatcher, SchedulerClosed, SchedulerStats
+from .router import Answering, Router
 from .types import BadRequest, InferRequest, InferResponse, NotFound, Unavailable
 
 log = logging.getLogger("serve_kit.runtime")
@@ -223,10 +225,17 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: list[DynamicBatcher] = []
         self._retired: dict[tuple[str, int], SchedulerStats] = {}
+        self._resilience_counts: dict[tuple[str, int], resilience.Counts] = {}
+        """Breaker / cache counters per (model, version), kept across reloads."""
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         self._stopping = False
         self._stopped = False
+        self.router = Router(self)
+        """Endpoint routes (split, shadow, fallback) over the models' versions: runtime/router.py."""
+        self.idempotency = resilience.IdempotencyTable()
+        """Requests by Idempotency-Key: a retry shares or replays the first attempt's answer."""
+        self.router.counters.replays = self.idempotency.replays
 
     async def __aenter__(self) -> "ModelManager":
         await self.start()
@@ -252,14 +261,25 @@ class ModelManager:
 
     def model_ready(self, model: str, version: int | None = None) -> bool:
         m = self._models.get(model)
-        if m is None:
+        if m is None or not m.routes:
+            if version is None and model in self.router.routes:  # an endpoint of its own name
+                return any(self.model_ready(t.model, t.version) for t in self.router.routes[model].targets)
             return False
-        return bool(m.routes) if version is None else version in m.routes
+        # A version whose circuit breaker is open is not ready (as if unloaded) until half-open.
+        if version is None:
+            return any(not getattr(s, "open", False) for s in m.routes.values())
+        s = m.routes.get(version)
+        return s is not None and not getattr(s, "open", False)
 
     def config(self, model: str) -> ModelConfig:
-        """The config.yaml the model's serving versions were loaded with."""
+        """The config.yaml the model's serving versions were loaded with (for an endpoint that is
+        not a model, that of its route's first target: every target shares its signature)."""
         m = self._models.get(model)
         if m is None or m.config is None or not m.routes:
+            if model in self.router.routes:
+                config = self.router.endpoint_config(model)
+                if config is not None:
+                    return config
             raise NotFound(self._unknown(model))
         return m.config
 
@@ -287,6 +307,7 @@ class ModelManager:
         failures = [f"{m.name}: {f}" for m in built for f in m.failures]
         for f in failures:
             log.error("not serving %s", f)
+        self.router.load_static()
         if strict and failures:
             raise ModelLoadFailed("models failed to load: " + "; ".join(failures), origin=str(self.repository.root),
                                  hint="`serve-kit inspect` verifies the repository")
@@ -320,6 +341,7 @@ class ModelManager:
                     origin=f"repository model {model}")
             self._models[model] = new  # the swap: every request from here on routes to `new`
             log.info("model %s: serving versions %s", model, sorted(new.routes))
+            self.router.load_static(model)
             if old is not None:
                 self._retire(old.schedulers())
 
@@ -455,8 +477,11 @@ class ModelManager:
             instances.append(b)
         log.info("model %s version %d: %d x %s loaded and warmed up in %.2f s", name, v, len(instances),
                  backend, time.perf_counter() - t0)
-        return DynamicBatcher(config, instances, model=name, version=v, canary=runs[0] if runs else None,
-                              **self.scheduler_options)
+        batcher = DynamicBatcher(config, instances, model=name, version=v, canary=runs[0] if runs else None,
+                                 **self.scheduler_options)
+        # A breaker / response cache when config.yaml asks; counters carried over from earlier loads.
+        counts = self._resilience_counts.setdefault((name, v), resilience.Counts())
+        return resilience.wrap(batcher, config, counts)
 
     # ------------------------------------------------------------------------------------------
     # Routing
@@ -494,14 +519,65 @@ class ModelManager:
         Routing and input errors, and refusals (queue full, unknown version), raise here."""
         if self._stopping:
             raise Unavailable("the server is shutting down")
+        key = req.headers.get("idempotency-key") if req.headers else None
+        if key is not None:
+            return self._idempotent(req, resilience.check_key(key))
+        return self._route_nowait(req)
+
+    def _idempotent(self, req: InferRequest, key: str):
+        """`infer_nowait` for a request with an Idempotency-Key: its first attempt runs; a retry
+        while it runs shares its answer, a retry after it succeeded replays it (neither runs nor
+        is counted again); the same key with another request is refused (422)."""
+        loop = asyncio.get_running_loop()
+        digest = resilience.request_digest(req.inputs, req.version,
+                                           None if req.outputs is None else [o.name for o in req.outputs])
+
+        def start() -> asyncio.Future:
+            sched, fut = self._route_nowait(req)
+            first = loop.create_future()
+
+            def done(f: asyncio.Future) -> None:
+                if f.cancelled():
+                    first.cancel()
+                elif f.exception() is not None:
+                    first.set_exception(f.exception())
+                else:
+                    first.set_result(_Answer(sched, f.result()))
+
+            fut.add_done_callback(done)
+            return first
+
+        shared, _ = self.idempotency.claim(req.model, key, digest, start)
+        handle = Answering(req.model)
+        handle.routed = False
+        out = loop.create_future()
+
+        def unwrap(f: asyncio.Future) -> None:
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+            elif f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                answer = f.result()
+                for attr in ("model", "version", "batching", "fallback", "routed"):
+                    setattr(handle, attr, getattr(answer.handle, attr, False if attr in ("fallback", "routed") else None))
+                out.set_result(answer.outputs)
+
+        if shared.done():
+            unwrap(shared)
+        else:
+            shared.add_done_callback(unwrap)
+        return handle, out
+
+    def _route_nowait(self, req: InferRequest):
+        if req.version is None:
+            route = self.router.routes.get(req.model)
+            if route is not None:
+                return self.router.infer_nowait(req, route)
         sched = self.resolve(req.model, req.version)
-        m = self._models[req.model]
-        m.check(req.model, req.inputs)
-        if req.outputs is not None:
-            unknown = [o.name for o in req.outputs if o.name not in m.output_names]
-            if unknown:
-                raise BadRequest(f"model {req.model!r} has no outputs {unknown}; outputs: "
-                                 f"{sorted(m.output_names)}")
+        self.check_request(req.model, req)
         try:
             return sched, sched.submit_nowait(req.inputs, req.priority, req.timeout_us)
         except SchedulerClosed:
@@ -511,12 +587,31 @@ class ModelManager:
                 raise
             return retry, retry.submit_nowait(req.inputs, req.priority, req.timeout_us)
 
+    def check_request(self, model: str, req: InferRequest) -> None:
+        """`req`'s inputs fit `model`'s config and its requested outputs exist (400 otherwise)."""
+        m = self._models[model]
+        m.check(req.model, req.inputs)
+        if req.outputs is not None:
+            unknown = [o.name for o in req.outputs if o.name not in m.output_names]
+            if unknown:
+                raise BadRequest(f"model {req.model!r} has no outputs {unknown}; outputs: "
+                                 f"{sorted(m.output_names)}")
+
     @staticmethod
-    def response(req: InferRequest, sched: DynamicBatcher, outputs: dict) -> InferResponse:
-        """The answer to `req` from the outputs its scheduler returned: the requested ones only."""
+    def response(req: InferRequest, sched, outputs: dict) -> InferResponse:
+        """The answer to `req` from the outputs its scheduler (or the router's Answering) returned:
+        the requested ones only, and for a routed request who answered (contract: response
+        parameters `serve_kit_target`, `serve_kit_fallback`)."""
+        params: dict[str, Any] = {}
+        if getattr(sched, "routed", False):
+            params["serve_kit_target"] = f"{sched.model}/{sched.version}"
+            if sched.fallback:
+                params["serve_kit_fallback"] = True
+        if isinstance(outputs, resilience.CachedOutputs):
+            params["serve_kit_cache_hit"] = True
         if req.outputs is not None:
             outputs = {o.name: outputs[o.name] for o in req.outputs}
-        return InferResponse(model=req.model, version=sched.version, outputs=outputs, id=req.id)
+        return InferResponse(model=req.model, version=sched.version, outputs=outputs, id=req.id, parameters=params)
 
     # ------------------------------------------------------------------------------------------
     # Introspection
@@ -552,6 +647,11 @@ class ModelManager:
             out[key] = out[key] + s.stats() if key in out else s.stats()
         return out
 
+    def resilient(self) -> dict[tuple[str, int], "resilience.Resilient"]:
+        """(model, version) -> the serving versions wrapped with a breaker and/or response cache."""
+        return {(name, v): s for name, m in self._models.items() for v, s in m.routes.items()
+                if isinstance(s, resilience.Resilient)}
+
     def stats(self, model: str | None = None, version: int | None = None) -> dict[str, Any]:
         """Triton's statistics extension (`GET v2/models[/{model}[/versions/{v}]]/stats`): counts
         and cumulative durations in nanoseconds for the loaded versions."""
@@ -570,7 +670,8 @@ class ModelManager:
             for v in sorted(self._models[name].routes):
                 if version is not None and v != version:
                     continue
-                entries.append(_triton_stats(name, v, all_stats.get((name, v), SchedulerStats())))
+                entries.append(_triton_stats(name, v, all_stats.get((name, v), SchedulerStats()),
+                                             self._models[name].routes[v]))
         return {"model_stats": entries}
 
     # ------------------------------------------------------------------------------------------
@@ -590,18 +691,33 @@ class ModelManager:
             s.drain(timeout) for s in list(self._draining)))
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=max(timeout, 0.001))
+        self.router.close()
         self._stopped = True
         return all(results)
+
+
+class _Answer:
+    """A finished first attempt, as the idempotency table keeps it: who answered and the outputs."""
+
+    __slots__ = ("handle", "outputs")
+
+    def __init__(self, handle, outputs: dict):
+        snap = Answering(getattr(handle, "endpoint", handle.model))
+        snap.model, snap.version, snap.batching = handle.model, handle.version, handle.batching
+        snap.fallback, snap.routed = getattr(handle, "fallback", False), getattr(handle, "routed", False)
+        self.handle, self.outputs = snap, outputs
 
 
 def _cn(count: int, ns: int) -> dict[str, int]:
     return {"count": int(count), "ns": int(ns)}
 
 
-def _triton_stats(name: str, version: int, s: SchedulerStats) -> dict[str, Any]:
+def _triton_stats(name: str, version: int, s: SchedulerStats, sched=None) -> dict[str, Any]:
     fail_count = sum(c for c, _ in s.fail.values())
     fail_ns = sum(ns for _, ns in s.fail.values())
-    return {
+    cache = getattr(sched, "cache", None)
+    breaker = getattr(sched, "breaker", None)
+    entry = {
         "name": name,
         "version": str(version),
         "last_inference": s.last_inference_ms,
@@ -614,8 +730,8 @@ def _triton_stats(name: str, version: int, s: SchedulerStats) -> dict[str, Any]:
             "compute_input": _cn(s.compute_count, s.compute_input_ns),
             "compute_infer": _cn(s.compute_count, s.compute_infer_ns),
             "compute_output": _cn(s.compute_count, s.compute_output_ns),
-            "cache_hit": _cn(0, 0),
-            "cache_miss": _cn(0, 0),
+            "cache_hit": _cn(cache.hits if cache else 0, 0),
+            "cache_miss": _cn(cache.misses if cache else 0, 0),
         },
         "batch_stats": [
             {"batch_size": size, "compute_input": _cn(b[0], b[1]), "compute_infer": _cn(b[0], b[2]),
@@ -623,3 +739,6 @@ def _triton_stats(name: str, version: int, s: SchedulerStats) -> dict[str, Any]:
             for size, b in sorted(s.batches.items())
         ],
     }
+    if breaker is not None:
+        entry["breaker"] = breaker.snapshot()
+    return entry

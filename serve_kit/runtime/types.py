@@ -9,7 +9,7 @@ and continuous batching can slot in later without rewriting the others.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -98,6 +98,8 @@ class InferRequest:
     binary_output: bool = False
     """Request-level default for returning outputs as binary (`binary_data_output`)."""
     parameters: dict[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] | None = None
+    """The request's HTTP headers or gRPC metadata (lower-case names): a route's sticky key."""
 
 
 @dataclass

@@ -170,7 +170,8 @@ def write_ident_and_text(root: Path) -> Path:
 class ProbeBackend(Backend):
     """y = 2x, recording every call. Its model file is JSON:
     {"delay_s": seconds per call, "fail_value": v (raise if any input equals v),
-     "hang_value": v (block until `release` is set, at most 20 s, if any input equals v)}."""
+     "hang_value": v (block until `release` is set, at most 20 s, if any input equals v),
+     "fail_file": path (raise while that file exists: a backend that starts failing, then recovers)}."""
 
     name = "test-probe"
     file_name = "model.json"
@@ -193,6 +194,8 @@ class ProbeBackend(Backend):
                                        "t": time.monotonic()})
         if self.spec.get("fail_value") is not None and np.any(x == self.spec["fail_value"]):
             raise RuntimeError("poison value in the batch")
+        if self.spec.get("fail_file") and Path(self.spec["fail_file"]).exists():
+            raise RuntimeError("failing while the flag file exists")
         if self.spec.get("hang_value") is not None and np.any(x == self.spec["hang_value"]):
             ProbeBackend.release.wait(20)
         if self.spec.get("delay_s"):
