@@ -195,16 +195,15 @@ def test_deadline_bounds_the_retries_and_names_the_last_error():
         assert f"127.0.0.1:{port}" in str(e.value) and e.value.last is not None
 
 
-@pytest.mark.xfail(strict=True, reason="enable when the server honours Idempotency-Key (issue 14, lead's part): "
-                                       "until then each retry of a slow call runs again and is counted again")
-def test_retries_of_a_slow_call_are_counted_once_by_the_server(tmp_path, served):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_retries_of_a_slow_call_are_counted_once_by_the_server(tmp_path, served, protocol):
     """Each try gives up after 0.4 s on work that takes 1 s. With the server deduping on the key,
     a later try shares the first one's result and the work runs once; without it every try runs
     the work again (behind the previous ones) and the call never gets an answer in time."""
     s = served(probe_repo(tmp_path / "slow", delay_s=1.0))
     before = s.requests_total("200")
     answered = None
-    with Client(s.http, deadline=8, per_try_timeout=0.4, retry=RetryPolicy(base_s=0.05, max_backoff_s=0.1),
+    with Client(s.url(protocol), deadline=8, per_try_timeout=0.4, retry=RetryPolicy(base_s=0.05, max_backoff_s=0.1),
                 ejection=EjectionPolicy(consecutive_failures=100)) as c:
         try:
             answered = c.infer("probe", {"x": X})
@@ -213,3 +212,24 @@ def test_retries_of_a_slow_call_are_counted_once_by_the_server(tmp_path, served)
     time.sleep(3)  # any duplicate run has finished (and been counted) by now
     runs = s.requests_total("200") - before
     assert answered is not None and answered.attempts > 1 and runs == 1, f"one call ran {runs} times"
+
+
+def test_a_key_reused_for_another_request_is_refused_not_retried(tmp_path, served):
+    s = served(ident_repo(tmp_path / "repo"))
+    with Client(s.http) as c:
+        c.infer("ident", {"x": X}, headers={"Idempotency-Key": "k-1"})
+        with pytest.raises(ServerError) as e:
+            c.infer("ident", {"x": X + 1}, headers={"Idempotency-Key": "k-1"})
+    assert e.value.status == 422 and "Idempotency-Key" in e.value.server_message
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_result_says_which_target_of_a_route_answered(tmp_path, served, protocol):
+    repo = ident_repo(tmp_path / "repo")
+    (repo / "routes.yaml").write_text("routes:\n  - endpoint: front\n    targets:\n"
+                                      "      - {model: ident, version: 1, weight: 1}\n")
+    s = served(repo)
+    with Client(s.url(protocol)) as c:
+        r = c.infer("front", {"x": X})
+    np.testing.assert_array_equal(r["y"], X)
+    assert (r.model, r.version, r.target, r.fallback, r.cache_hit) == ("front", 1, "ident/1", False, False)
