@@ -140,7 +140,11 @@ class GrpcTransport:
             return ConnectionFailed(f"{self.url}: no answer within the per-try timeout", url=self.url)
         pushback = dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
         name = code.name
-        return ServerError(_GRPC_TO_HTTP.get(name, 500), e.details() or "", url=self.url, code=name,
+        status = _GRPC_TO_HTTP.get(name, 500)
+        if name == "RESOURCE_EXHAUSTED" and any(s in (e.details() or "").lower()
+                                                 for s in ("larger than max", "too large", "exceeds the limit")):
+            status = 413  # a message over the size limit: the same request would be refused again
+        return ServerError(status, e.details() or "", url=self.url, code=name,
                            retry_after=_retry_after(pushback, 0.001))
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], version: int | None,

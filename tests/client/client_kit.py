@@ -19,13 +19,13 @@ from rt_server import port_of, request, start_cli, wait_ready  # noqa: E402
 class Served:
     """One `serve-kit serve` subprocess; `restart()` kills it and starts it again on the same ports."""
 
-    def __init__(self, repo: Path, http_port: int = 0, grpc_port: int = 0):
-        self.repo = repo
+    def __init__(self, repo: Path, http_port: int = 0, grpc_port: int = 0, args: tuple[str, ...] = ()):
+        self.repo, self.args = repo, list(args)
         self.start(http_port, grpc_port)
 
     def start(self, http_port: int, grpc_port: int) -> None:
         self.proc = start_cli([str(self.repo), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                               "--exit-timeout", "1"], test_backends=True)
+                               "--exit-timeout", "1", *self.args], test_backends=True)
         info = wait_ready(self.proc, timeout=120)
         self.http_port, self.grpc_port = port_of(info), int(info["grpc_port"])
         self.http, self.grpc = f"http://127.0.0.1:{self.http_port}", f"grpc://127.0.0.1:{self.grpc_port}"

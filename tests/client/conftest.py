@@ -18,8 +18,8 @@ def served():
     """Start servers with `served(repo)`; every one is killed at the end of the test."""
     started: list[Served] = []
 
-    def start(repo: Path) -> Served:
-        s = Served(repo)
+    def start(repo: Path, *args: str) -> Served:
+        s = Served(repo, args=args)
         started.append(s)
         return s
 

@@ -50,6 +50,18 @@ def test_client_errors_are_not_retried(tmp_path, served, protocol):
         assert s.requests_total("400") == before + 1  # sent once, never retried
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_request_over_the_size_limit_is_413_and_not_retried(tmp_path, served, protocol):
+    s = served(ident_repo(tmp_path / "repo"), "--max-body-mb", "0.01")
+    big = np.zeros((8, 4), np.float32).repeat(100, axis=0)  # 3,200 x 4 FP32: 51 kB > 10 kB
+    with Client(s.url(protocol), retry=RetryPolicy(base_s=1.0, max_backoff_s=5.0)) as c:
+        t = time.monotonic()
+        with pytest.raises(ServerError) as e:
+            c.infer("ident", {"x": big}, deadline=20)
+        assert time.monotonic() - t < 5  # no backoff slept: not retried
+    assert e.value.status == 413, str(e.value)
+
+
 def _load(call, stop: threading.Event, results: list, errors: list):
     while not stop.is_set():
         try:
