@@ -146,7 +146,7 @@ class AsyncClient:
             breaker.record(False)
             raise
         except BaseException:
-            breaker.record(True)  # cancelled by the caller: no verdict on the endpoint
+            breaker.release()  # cancelled by the caller: no verdict on the endpoint
             raise
         breaker.record(True)
         return result

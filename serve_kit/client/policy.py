@@ -118,6 +118,12 @@ class CircuitBreaker:
             self.probes_out += 1
         return True
 
+    def release(self) -> None:
+        """A call let through ended without a verdict (cancelled by its caller): a half-open probe
+        slot it held is free again."""
+        if self.state == "half_open" and self.probes_out > self.probes_ok:
+            self.probes_out -= 1
+
     def _open(self) -> None:
         self.state, self.opened_at = "open", self.clock()
         self.consecutive = 0

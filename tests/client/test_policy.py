@@ -59,6 +59,18 @@ def test_breaker_opens_on_consecutive_failures_then_half_open_probe_closes_it():
     assert b.state == "closed" and b.allow()
 
 
+def test_breaker_cancelled_probe_frees_its_slot():
+    clock = FakeClock()
+    b = CircuitBreaker(BreakerPolicy(consecutive_failures=1, open_s=1), clock)
+    b.record(False)
+    clock.t += 1
+    assert b.allow() and not b.allow()
+    b.release()
+    assert b.state == "half_open" and b.allow()
+    b.record(True)
+    assert b.state == "closed"
+
+
 def test_breaker_failed_probe_reopens():
     clock = FakeClock()
     b = CircuitBreaker(BreakerPolicy(consecutive_failures=1, open_s=2), clock)
