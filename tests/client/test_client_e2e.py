@@ -62,6 +62,30 @@ def test_a_request_over_the_size_limit_is_413_and_not_retried(tmp_path, served, 
     assert e.value.status == 413, str(e.value)
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_shed_calls_wait_for_retry_after_and_then_succeed(tmp_path, served, protocol):
+    s = served(probe_repo(tmp_path / "slow", delay_s=1.0), "--max-queue-ms", "500")
+
+    async def main():
+        async with AsyncClient(s.url(protocol), deadline=60, retry=RetryPolicy(base_s=0.01, max_backoff_s=0.02)) as c:
+            async def one(i):
+                await asyncio.sleep(0.2 * i)  # one by one, so that they queue instead of sharing a batch
+                t = time.monotonic()
+                r = await c.infer("probe", {"x": X + i})
+                return r, time.monotonic() - t
+            return await asyncio.gather(*(one(i) for i in range(4)))
+
+    results = asyncio.run(main())
+    for i, (r, _) in enumerate(results):
+        np.testing.assert_array_equal(r["y"], 2 * (X + i))
+    retried = [t for r, t in results if r.attempts > 1]
+    assert retried, "no call was shed: the test did not overload the server"
+    # Each shed call slept the server's Retry-After (>= 1 s) before trying again, not the 20 ms
+    # backoff: a handful of 503s in all, where polling every 20 ms would collect dozens.
+    assert all(r.attempts <= 4 for r, _ in results), [r.attempts for r, _ in results]
+    assert len(retried) <= s.requests_total("503") <= 3 * len(retried)
+
+
 def _load(call, stop: threading.Event, results: list, errors: list):
     while not stop.is_set():
         try:
