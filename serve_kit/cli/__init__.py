@@ -45,7 +45,7 @@ def _root(
 
 
 def _register() -> None:
-    from . import bench, inspect, optimize, package, recipes, serve  # noqa: F401 - each module adds its command to `app`
+    from . import bench, inspect, optimize, package, recipes, rollout, serve  # noqa: F401 - each module adds its command to `app`
 
 
 _register()

@@ -1,0 +1,187 @@
+"""`serve-kit route` and `serve-kit rollout` against real servers with real ONNX models: versions 1
+and 2 of `m` are the same MLP (2 promotes), version 3 another one whose answers disagree with it
+(rolled back on live agreement); the CLI's errors for each refusal."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rt_models import config, mlp_onnx, mlp_weights, write_version
+from rt_server import InProcessServer, request
+from serve_kit.cli import main
+
+TOKEN = "rollout-token"
+
+
+def _repo(root: Path) -> Path:
+    cfg = config("m", version_policy={"all": True})
+    w1, w2 = mlp_weights(4, 16, 4, seed=0)
+    write_version(root, cfg, mlp_onnx(w1, w2))
+    write_version(root, cfg, mlp_onnx(w1, w2))
+    v1, v2 = mlp_weights(4, 16, 4, seed=5)
+    write_version(root, cfg, mlp_onnx(v1, v2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """Two replicas of the same repository (the rollout drives both and sums their metrics)."""
+    repo = _repo(tmp_path_factory.mktemp("rollout"))
+    a = InProcessServer(repo, management_token=TOKEN).start()
+    b = InProcessServer(repo, management_token=TOKEN).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def cli(args: list[str], capsys) -> tuple[int, dict | None, str]:
+    capsys.readouterr()
+    try:
+        main(["--json", *args])
+        rc = 0
+    except SystemExit as e:
+        rc = e.code
+    finally:
+        from serve_kit.cli._common import state
+        state.json, state.emitted = False, False
+    o = capsys.readouterr()
+    return rc, (json.loads(o.out) if o.out.strip() else None), o.err
+
+
+class Load:
+    """A bounded background load loop (2 threads, a pause between requests) on both replicas;
+    records who answered each request (the serve-kit-target header)."""
+
+    def __init__(self, ports):
+        self.ports, self.stop, self.answers, self.failures = ports, threading.Event(), [], 0
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(2)]
+
+    def _loop(self, i):
+        rng = np.random.default_rng(i)
+        n = 0
+        while not self.stop.is_set():
+            x = rng.normal(size=(1, 4)).astype(np.float32).tolist()
+            body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": x}]}).encode()
+            r = request(self.ports[n % 2], "POST", "/v2/models/m/infer", body, {"Content-Type": "application/json"})
+            n += 1
+            with self.lock:
+                if r.status == 200:
+                    self.answers.append(r.headers.get("serve-kit-target"))
+                else:
+                    self.failures += 1
+            self.stop.wait(0.005)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def _urls(servers):
+    return [f"http://{servers[0].url}", "--url", f"http://{servers[1].url}"]
+
+
+def _reset(servers, capsys):
+    rc, doc, _ = cli(["route", "switch", *_urls(servers), "m", "m:1", "--token", TOKEN], capsys)
+    assert rc == 0, doc
+
+
+def test_route_commands_change_every_replica(servers, capsys):
+    rc, doc, _ = cli(["route", "split", *_urls(servers), "m", "m:1=90", "m:2=10", "--sticky-header", "x-user",
+                      "--token", TOKEN], capsys)
+    assert rc == 0
+    for srv in servers:
+        state = request(srv.port, "GET", "/v2/routes/m").json()
+        assert [(t["version"], t["weight"]) for t in state["targets"]] == [(1, 90), (2, 10)]
+        assert state["sticky"] == {"header": "x-user"} and state["source"] == "api"
+    rc, doc, _ = cli(["route", "shadow", *_urls(servers), "m", "m:3", "--percent", "50", "--token", TOKEN], capsys)
+    assert rc == 0 and doc[0]["shadow"]["version"] == 3 and len(doc[0]["targets"]) == 2
+    rc, doc, _ = cli(["route", "show", f"http://{servers[1].url}", "m"], capsys)
+    assert rc == 0 and {k: doc["shadow"][k] for k in ("model", "version", "percent")} == {"model": "m", "version": 3, "percent": 50.0}
+    rc, doc, _ = cli(["route", "clear", *_urls(servers), "--token", TOKEN, "m"], capsys)
+    assert rc == 0 and all(d["source"] != "api" for d in doc)
+
+
+def test_cli_errors_change_nothing(servers, tmp_path, capsys):
+    _reset(servers, capsys)
+    url = f"http://{servers[0].url}"
+    before = request(servers[0].port, "GET", "/v2/routes/m").json()["generation"]
+    rc, doc, err = cli(["route", "switch", url, "m", "m:2", "--token", "wrong"], capsys)
+    assert rc == 1 and "401" in doc["message"] and "SERVE_KIT_MANAGEMENT_TOKEN" in doc["hint"]
+    rc, doc, err = cli(["route", "switch", url, "m", "m:9", "--token", TOKEN], capsys)
+    assert rc == 1 and "400" in doc["message"]
+    rc, doc, err = cli(["route", "split", url, "m", "m:1=x", "--token", TOKEN], capsys)
+    assert rc == 2
+    rc, doc, err = cli(["rollout", url, "--endpoint", "m", "--candidate", "m:2", "--steps", "50,10",
+                        "--token", TOKEN], capsys)
+    assert rc == 2
+    assert request(servers[0].port, "GET", "/v2/routes/m").json()["generation"] == before
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    rc, doc, err = cli(["route", "show", f"http://127.0.0.1:{free}"], capsys)
+    assert rc == 1 and "unreachable" in doc["message"]
+
+
+def test_management_disabled_is_refused(tmp_path, capsys):
+    srv = InProcessServer(_repo(tmp_path)).start()
+    try:
+        rc, doc, _ = cli(["route", "switch", f"http://{srv.url}", "m", "m:2", "--token", TOKEN], capsys)
+        assert rc == 1 and "403" in doc["message"] and "--enable-management" in doc["hint"]
+    finally:
+        srv.stop()
+
+
+def test_identical_candidate_is_promoted(servers, tmp_path, capsys):
+    _reset(servers, capsys)
+    log = tmp_path / "decisions.json"
+    with Load([s.port for s in servers]) as load:
+        rc, doc, _ = cli(["rollout", *_urls(servers), "--endpoint", "m", "--candidate", "m:2", "--shadow", "1s",
+                          "--steps", "50,100", "--interval", "1s", "--check-every", "0.5s", "--min-requests", "10",
+                          "--min-agreement", "0.99", "--max-p99-ratio", "20", "--log", str(log), "--token", TOKEN],
+                         capsys)
+    assert rc == 0, doc
+    assert doc["outcome"] == "promoted" and doc["champion"] == "m:1"
+    for srv in servers:
+        targets = request(srv.port, "GET", "/v2/routes/m").json()["targets"]
+        assert [(t["model"], t["version"]) for t in targets] == [("m", 2)]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [d["phase"] for d in lines if d["action"] == "advance"] == ["shadow", "step 50%", "step 100%"]
+    shadow = next(d for d in lines if d["phase"] == "shadow" and d["action"] == "advance")
+    assert shadow["candidate_figures"]["agreement"] == 1.0 and shadow["candidate_figures"]["requests"] >= 10
+    assert load.failures == 0 and "m/2" in load.answers
+
+
+def test_worse_candidate_is_rolled_back(servers, tmp_path, capsys):
+    _reset(servers, capsys)
+    log = tmp_path / "decisions.json"
+    with Load([s.port for s in servers]) as load:
+        rc, doc, _ = cli(["rollout", *_urls(servers), "--endpoint", "m", "--candidate", "m:3",
+                          "--steps", "10,50,100", "--interval", "2s", "--check-every", "0.5s", "--min-requests", "10",
+                          "--min-agreement", "0.9", "--max-p99-ratio", "20", "--log", str(log), "--token", TOKEN],
+                         capsys)
+        after = len(load.answers)
+    assert rc == 3, doc
+    assert doc["outcome"] == "rolled_back"
+    last = doc["decisions"][-1]
+    assert last["action"] == "rollback" and last["phase"] == "step 10%"
+    assert last["candidate_figures"]["agreement"] < 0.9 and any("agreement" in r for r in last["reasons"])
+    for srv in servers:
+        targets = request(srv.port, "GET", "/v2/routes/m").json()["targets"]
+        assert [(t["model"], t["version"]) for t in targets] == [("m", 1)]
+    # v3 answered only its first step's share (10%), plus what one check period let through
+    share = load.answers[:after].count("m/3") / max(1, after)
+    assert share < 0.10 + 0.15, share
+    assert json.loads(log.read_text().splitlines()[-1])["action"] == "rollback"
