@@ -217,7 +217,10 @@ class AsyncClient:
 
     async def _call(self, model, inputs, version, outputs, headers, deadline) -> InferResult:
         end = time.monotonic() + deadline
-        key = headers.pop("Idempotency-Key", None) or uuid.uuid4().hex
+        given = [k for k in headers if k.lower() == "idempotency-key"]
+        key = (headers.pop(given[0]) if given else None) or uuid.uuid4().hex
+        for k in given[1:]:
+            headers.pop(k)
         inputs = {k: np.asarray(v) for k, v in inputs.items()}
         tried: list[Replica] = []
         attempts = sent = 0
