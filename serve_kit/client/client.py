@@ -274,8 +274,8 @@ class AsyncClient:
             try:
                 if await self._transport(replica).ready(timeout):
                     return True
-            except ConnectionFailed:
-                continue
+            except ClientError:
+                continue  # down, or answering errors: not ready
         return False
 
     async def metadata(self, model: str, timeout: float = 10.0) -> dict:
