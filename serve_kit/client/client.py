@@ -217,7 +217,10 @@ class AsyncClient:
 
     async def _call(self, model, inputs, version, outputs, headers, deadline) -> InferResult:
         end = time.monotonic() + deadline
-        key = headers.pop("Idempotency-Key", None) or uuid.uuid4().hex
+        given = [k for k in headers if k.lower() == "idempotency-key"]
+        key = (headers.pop(given[0]) if given else None) or uuid.uuid4().hex
+        for k in given[1:]:
+            headers.pop(k)
         inputs = {k: np.asarray(v) for k, v in inputs.items()}
         tried: list[Replica] = []
         attempts = sent = 0
@@ -271,8 +274,8 @@ class AsyncClient:
             try:
                 if await self._transport(replica).ready(timeout):
                     return True
-            except ConnectionFailed:
-                continue
+            except ClientError:
+                continue  # down, or answering errors: not ready
         return False
 
     async def metadata(self, model: str, timeout: float = 10.0) -> dict:

@@ -30,7 +30,7 @@ def test_ready_metadata_and_infer_both_protocols(tmp_path, served, protocol):
         np.testing.assert_array_equal(r["y"], X)
         assert r.model == "ident" and r.version == 1 and r.attempts == 1 and r.replica == s.url(protocol)
         assert len(r.request_id) == 32
-        r2 = c.infer("ident", {"x": X}, version=1, outputs=["y"], headers={"Idempotency-Key": "my-key-1"})
+        r2 = c.infer("ident", {"x": X}, version=1, outputs=["y"], headers={"idempotency-key": "my-key-1"})
         assert r2.request_id == "my-key-1" and r2.version == 1
 
 
@@ -158,20 +158,21 @@ def _wait(pred, timeout):
     return pred()
 
 
-def test_async_http_hanging_replica_is_ejected_and_calls_go_to_the_healthy_one(tmp_path, served):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_async_hanging_replica_is_ejected_and_calls_go_to_the_healthy_one(tmp_path, served, protocol):
     healthy = served(probe_repo(tmp_path / "healthy"))
     hanging = served(probe_repo(tmp_path / "hanging", delay_s=20))
 
     async def main():
-        async with AsyncClient([hanging.http, healthy.http], deadline=60, per_try_timeout=1.0,
+        async with AsyncClient([hanging.url(protocol), healthy.url(protocol)], deadline=60, per_try_timeout=1.0,
                                ejection=EjectionPolicy(consecutive_failures=1, base_s=120), seed=3) as c:
             results = [await c.infer("probe", {"x": X}) for _ in range(12)]
             return results, {r.url: r for r in c.balancer.replicas}
 
     results, replicas = asyncio.run(main())
-    assert all(r.replica == healthy.http for r in results)
+    assert all(r.replica == healthy.url(protocol) for r in results)
     assert all(np.array_equal(r["y"], 2 * X) for r in results)
-    assert replicas[hanging.http].ejections == 1 and replicas[healthy.http].ejections == 0
+    assert replicas[hanging.url(protocol)].ejections == 1 and replicas[healthy.url(protocol)].ejections == 0
     # one try (at most a hedge-free retry) was spent on the hanging replica, then it was out
     assert sum(r.attempts for r in results) <= len(results) + 1
 

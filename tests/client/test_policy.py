@@ -160,3 +160,16 @@ def test_retry_after_of_one_replica_sends_the_retry_to_another_without_waiting()
     rs[1].not_before = clock() + 1
     assert bal.pushback_s() == pytest.approx(1)  # everyone said Retry-After: wait for the first
     assert bal.pick() in rs
+
+
+def test_the_client_imports_the_codec_never_the_server():
+    import subprocess
+    import sys
+
+    code = ("import sys, serve_kit.client; "
+            "print(' '.join(m for m in sys.modules if m.startswith('serve_kit.runtime')))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                timeout=120).stdout.split())
+    assert "serve_kit.runtime.protocol" in loaded
+    assert not loaded & {"serve_kit.runtime.models", "serve_kit.runtime.http", "serve_kit.runtime.grpc_service",
+                         "serve_kit.runtime.batcher", "serve_kit.runtime.server", "serve_kit.runtime.resilience"}
