@@ -42,12 +42,15 @@ def architecture():
     return DigitsCNN()
 
 
-def build_model(epochs: int = 30):
+def build_model(epochs: int = 30, shuffled_labels: bool = False):
     """Train the CNN (about 3 s on 2 cores) and return it in eval mode."""
     import torch
 
     torch.manual_seed(SEED)
     x, y = _data()
+    if shuffled_labels:
+        y = y.copy()
+        y[:N_TRAIN] = np.random.default_rng(SEED + 1).permutation(y[:N_TRAIN])
     xt, yt = torch.from_numpy(x[:N_TRAIN]), torch.from_numpy(y[:N_TRAIN])
     model = architecture()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -60,6 +63,12 @@ def build_model(epochs: int = 30):
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def build_shuffled_label_model():
+    """The same CNN trained on the same images with their labels shuffled: a deliberately worse
+    candidate (about chance on held-out digits) for trying a canary rollout and its rollback."""
+    return build_model(shuffled_labels=True)
 
 
 def dataset() -> dict:
