@@ -170,6 +170,10 @@ def rollout(
     mlflow_model: Optional[str] = typer.Option(None, "--mlflow-model"),
     mlflow_version: Optional[int] = typer.Option(None, "--mlflow-version"),
     log: Optional[Path] = typer.Option(None, "--log", help="Append every decision here (JSON lines)."),
+    emit: Optional[str] = typer.Option(None, "--emit", help="Write the policy for istio or flagger instead of running it."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for --emit's manifests."),
+    service: Optional[str] = typer.Option(None, "--service", help="Kubernetes Service/Deployment name (--emit; default: the endpoint)."),
+    namespace: str = typer.Option("default", "--namespace", help="Kubernetes namespace (--emit)."),
     token: Optional[str] = _TOKEN,
 ) -> None:
     """Roll a candidate version out step by step; roll back at the first failed check.
@@ -196,6 +200,18 @@ def rollout(
                        thresholds=Thresholds(max_error_rate, max_p99_ratio, min_agreement, min_requests),
                        log_path=log)
     fleet = _fleet(url, urls, token)
+    if emit is not None:
+        from ..rollout import emit as emitter
+
+        if emit not in ("istio", "flagger") or out_dir is None:
+            raise UsageError("--emit takes istio or flagger, with --out DIR", value=emit, origin="--emit")
+        champ = champ or engine.champion_of(fleet, endpoint)
+        paths = emitter.write(emit, plan, champ, out_dir, service=service or endpoint, namespace=namespace)
+        if state.json:
+            emit_json({"emitted": [str(p) for p in paths]})
+        else:
+            out.print("wrote " + ", ".join(map(str, paths)))
+        return
 
     def show(d: dict) -> None:
         c = d["candidate_figures"] or {}

@@ -62,15 +62,17 @@ def _latest_version(fleet: Fleet, model: str) -> int:
     return max(versions)
 
 
+def champion_of(fleet: Fleet, endpoint: str) -> tuple[str, int]:
+    """The current route's first target, with its version resolved when the route names none."""
+    first = fleet.route(endpoint)["targets"][0]
+    version = first.get("version")
+    return first["model"], version if version is not None else _latest_version(fleet, first["model"])
+
+
 def run(plan: Plan, fleet: Fleet, *, on_decision: Callable[[dict], None] = lambda d: None,
         sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> Outcome:
     route = fleet.route(plan.endpoint)
-    if plan.champion is None:
-        first = route["targets"][0]
-        version = first.get("version")
-        champion = (first["model"], version if version is not None else _latest_version(fleet, first["model"]))
-    else:
-        champion = plan.champion
+    champion = plan.champion or champion_of(fleet, plan.endpoint)
     candidate = plan.candidate
     if champion == candidate:
         raise UsageError("the candidate is the champion already", value=f"{candidate[0]}:{candidate[1]}",

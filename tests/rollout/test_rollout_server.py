@@ -185,3 +185,15 @@ def test_worse_candidate_is_rolled_back(servers, tmp_path, capsys):
     share = load.answers[:after].count("m/3") / max(1, after)
     assert share < 0.10 + 0.15, share
     assert json.loads(log.read_text().splitlines()[-1])["action"] == "rollback"
+
+
+def test_emit_writes_manifests_for_the_current_champion(servers, tmp_path, capsys):
+    import yaml
+
+    _reset(servers, capsys)
+    rc, doc, _ = cli(["rollout", f"http://{servers[0].url}", "--endpoint", "m", "--candidate", "m:2",
+                      "--emit", "istio", "--out", str(tmp_path)], capsys)
+    assert rc == 0, doc
+    rule, vs = yaml.safe_load_all(Path(doc["emitted"][0]).read_text())
+    assert [s["name"] for s in rule["spec"]["subsets"]] == ["v1", "v2"]
+    assert request(servers[0].port, "GET", "/v2/routes/m").json()["targets"][0]["version"] == 1  # nothing changed
