@@ -40,10 +40,10 @@ def servers(tmp_path_factory):
     b.stop()
 
 
-def cli(args: list[str], capsys) -> tuple[int, dict | None, str]:
+def cli(args: list[str], capsys, json_output: bool = True) -> tuple[int, dict | None, str]:
     capsys.readouterr()
     try:
-        main(["--json", *args])
+        main(["--json", *args] if json_output else args)
         rc = 0
     except SystemExit as e:
         rc = e.code
@@ -51,7 +51,7 @@ def cli(args: list[str], capsys) -> tuple[int, dict | None, str]:
         from serve_kit.cli._common import state
         state.json, state.emitted = False, False
     o = capsys.readouterr()
-    return rc, (json.loads(o.out) if o.out.strip() else None), o.err
+    return rc, (json.loads(o.out) if o.out.strip() and json_output else o.out or None), o.err
 
 
 class Load:
@@ -197,3 +197,44 @@ def test_emit_writes_manifests_for_the_current_champion(servers, tmp_path, capsy
     rule, vs = yaml.safe_load_all(Path(doc["emitted"][0]).read_text())
     assert [s["name"] for s in rule["spec"]["subsets"]] == ["v1", "v2"]
     assert request(servers[0].port, "GET", "/v2/routes/m").json()["targets"][0]["version"] == 1  # nothing changed
+
+
+def test_failing_and_slow_candidates_are_rolled_back(tmp_path, capsys):
+    """Probe versions (y = 2x): 2 raises on every call (500s), 3 answers 150 ms late; both roll back
+    on their first step, by error rate and by p99 ratio, with a human-readable decision table."""
+    from rt_models import probe_config, write_probe
+
+    flag = tmp_path / "failing"
+    cfg = probe_config("p", version_policy={"all": True})
+    write_probe(tmp_path / "repo", cfg)
+    write_probe(tmp_path / "repo", cfg, fail_file=str(flag))
+    write_probe(tmp_path / "repo", cfg, delay_s=0.15)
+    srv = InProcessServer(tmp_path / "repo", management_token=TOKEN).start()
+    flag.touch()  # after warm-up: version 2 fails from now on
+    stop = threading.Event()
+
+    def loop():
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode()
+        while not stop.is_set():
+            request(srv.port, "POST", "/v2/models/p/infer", body, {"Content-Type": "application/json"})
+            stop.wait(0.005)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(2)]
+    url = f"http://{srv.url}"
+    gate = ["--endpoint", "p", "--champion", "p:1", "--steps", "30,100", "--interval", "2s", "--check-every", "0.5s",
+            "--min-requests", "10", "--max-error-rate", "0.05", "--max-p99-ratio", "3", "--token", TOKEN]
+    try:
+        assert cli(["route", "switch", url, "p", "p:1", "--token", TOKEN], capsys)[0] == 0
+        for t in threads:
+            t.start()
+        rc, doc, _ = cli(["rollout", url, "--candidate", "p:2", *gate], capsys)
+        assert rc == 3 and any("error rate" in r for r in doc["reasons"]), doc
+        assert doc["decisions"][-1]["candidate_figures"]["errors"] > 0
+        rc, text, _ = cli(["rollout", url, "--candidate", "p:3", *gate], capsys, json_output=False)
+        assert rc == 3 and "p99 ratio" in text and "rollout decisions" in text and "rolled_back" in text, text
+        assert request(srv.port, "GET", "/v2/routes/p").json()["targets"][0]["version"] == 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        srv.stop()
