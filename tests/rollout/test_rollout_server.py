@@ -238,3 +238,22 @@ def test_failing_and_slow_candidates_are_rolled_back(tmp_path, capsys):
         for t in threads:
             t.join(30)
         srv.stop()
+
+
+def test_an_interrupted_rollout_leaves_the_champion_serving(servers, capsys):
+    from serve_kit.rollout import engine
+    from serve_kit.rollout.driver import Fleet
+
+    _reset(servers, capsys)
+    seen = []
+
+    def sleep(s):  # Ctrl-C while the first step is held: by then the candidate has its 50 %
+        seen.append([t["version"] for t in request(servers[1].port, "GET", "/v2/routes/m").json()["targets"]])
+        raise KeyboardInterrupt
+
+    fleet = Fleet([servers[0].url, servers[1].url], TOKEN)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(engine.Plan(endpoint="m", candidate=("m", 2), steps=(50, 100)), fleet, sleep=sleep)
+    assert seen == [[1, 2]]
+    for srv in servers:
+        assert [t["version"] for t in request(srv.port, "GET", "/v2/routes/m").json()["targets"]] == [1]
