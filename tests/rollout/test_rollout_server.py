@@ -257,3 +257,24 @@ def test_an_interrupted_rollout_leaves_the_champion_serving(servers, capsys):
     assert seen == [[1, 2]]
     for srv in servers:
         assert [t["version"] for t in request(srv.port, "GET", "/v2/routes/m").json()["targets"]] == [1]
+
+
+def test_promotion_moves_the_mlflow_champion_alias(servers, tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's embedded store: a real registry, no server
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m-model")
+    for _ in range(2):
+        client.create_model_version("m-model", source=str(tmp_path))
+    client.set_registered_model_alias("m-model", "champion", "1")
+    _reset(servers, capsys)
+    with Load([s.port for s in servers]):
+        rc, doc, _ = cli(["rollout", *_urls(servers), "--endpoint", "m", "--candidate", "m:2", "--steps", "100",
+                          "--interval", "0.5s", "--check-every", "0.5s", "--min-requests", "5", "--max-p99-ratio", "20",
+                          "--mlflow-uri", uri, "--mlflow-model", "m-model", "--mlflow-version", "2",
+                          "--token", TOKEN], capsys)
+    assert rc == 0, doc
+    assert doc["mlflow"]["previous"] == 1 and doc["mlflow"]["alias"] == "champion"
+    assert str(client.get_model_version_by_alias("m-model", "champion").version) == "2"
