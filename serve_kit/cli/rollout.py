@@ -81,6 +81,9 @@ def route_set(url: str = typer.Argument(...), endpoint: str = typer.Argument(...
         raise InputError(f"cannot read the route: {e}", value=str(file), origin="--file") from None
     if not isinstance(doc, dict):
         raise InputError("a route file holds one mapping (targets, sticky, shadow, ...)", value=str(file), origin="--file")
+    if doc.get("endpoint", endpoint) != endpoint:
+        raise UsageError(f"the route file is for endpoint {doc['endpoint']!r}, not {endpoint!r}", value=str(file),
+                         origin="--file", hint="drop `endpoint` from the file or name the same endpoint")
     _done(_fleet(url, urls, token).set_route(endpoint, doc))
 
 
@@ -219,13 +222,14 @@ def rollout(
         err.print(f"{d['phase']:>10}  {d['action']:<8} n={c.get('requests', 0)} err={c.get('error_rate')} "
                   f"p99={p99} agree={c.get('agreement')}  {'; '.join(d['reasons'])}", highlight=False)
 
-    result = engine.run(plan, fleet, on_decision=(lambda d: None) if state.json else show)
-    doc = result.to_dict()
-    if result.promoted and mlflow_model:
+    if mlflow_model:  # fail before any traffic moves, not after a successful rollout
         from ..packaging.mlflow_registry import check_reachable, promote, resolve_tracking_uri
 
         uri = resolve_tracking_uri(mlflow_uri)
         check_reachable(uri)
+    result = engine.run(plan, fleet, on_decision=(lambda d: None) if state.json else show)
+    doc = result.to_dict()
+    if result.promoted and mlflow_model:
         doc["mlflow"] = promote(uri, mlflow_model, mlflow_version, "champion")
     if state.json:
         emit_json(doc)

@@ -278,3 +278,13 @@ def test_promotion_moves_the_mlflow_champion_alias(servers, tmp_path, capsys):
     assert rc == 0, doc
     assert doc["mlflow"]["previous"] == 1 and doc["mlflow"]["alias"] == "champion"
     assert str(client.get_model_version_by_alias("m-model", "champion").version) == "2"
+
+
+def test_route_set_from_a_file(servers, tmp_path, capsys):
+    f = tmp_path / "route.yaml"
+    f.write_text("targets:\n  - {model: m, version: 1, weight: 3}\n  - {model: m, version: 2, weight: 1}\ncompare: 0.5\n")
+    rc, doc, _ = cli(["route", "set", f"http://{servers[0].url}", "m", "--file", str(f), "--token", TOKEN], capsys)
+    assert rc == 0 and [t["share"] for t in doc["targets"]] == [0.75, 0.25] and doc["compare"] == 0.5
+    f.write_text("endpoint: other\ntargets: [{model: m, version: 1}]\n")
+    rc, doc, _ = cli(["route", "set", f"http://{servers[0].url}", "m", "--file", str(f), "--token", TOKEN], capsys)
+    assert rc == 2 and "other" in doc["message"]
