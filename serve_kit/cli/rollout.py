@@ -81,6 +81,9 @@ def route_set(url: str = typer.Argument(...), endpoint: str = typer.Argument(...
         raise InputError(f"cannot read the route: {e}", value=str(file), origin="--file") from None
     if not isinstance(doc, dict):
         raise InputError("a route file holds one mapping (targets, sticky, shadow, ...)", value=str(file), origin="--file")
+    if doc.get("endpoint", endpoint) != endpoint:
+        raise UsageError(f"the route file is for endpoint {doc['endpoint']!r}, not {endpoint!r}", value=str(file),
+                         origin="--file", hint="drop `endpoint` from the file or name the same endpoint")
     _done(_fleet(url, urls, token).set_route(endpoint, doc))
 
 
@@ -170,6 +173,10 @@ def rollout(
     mlflow_model: Optional[str] = typer.Option(None, "--mlflow-model"),
     mlflow_version: Optional[int] = typer.Option(None, "--mlflow-version"),
     log: Optional[Path] = typer.Option(None, "--log", help="Append every decision here (JSON lines)."),
+    emit: Optional[str] = typer.Option(None, "--emit", help="Write the policy for istio or flagger instead of running it."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for --emit's manifests."),
+    service: Optional[str] = typer.Option(None, "--service", help="Kubernetes Service/Deployment name (--emit; default: the endpoint)."),
+    namespace: str = typer.Option("default", "--namespace", help="Kubernetes namespace (--emit)."),
     token: Optional[str] = _TOKEN,
 ) -> None:
     """Roll a candidate version out step by step; roll back at the first failed check.
@@ -196,6 +203,18 @@ def rollout(
                        thresholds=Thresholds(max_error_rate, max_p99_ratio, min_agreement, min_requests),
                        log_path=log)
     fleet = _fleet(url, urls, token)
+    if emit is not None:
+        from ..rollout import emit as emitter
+
+        if emit not in ("istio", "flagger") or out_dir is None:
+            raise UsageError("--emit takes istio or flagger, with --out DIR", value=emit, origin="--emit")
+        champ = champ or engine.champion_of(fleet, endpoint)
+        paths = emitter.write(emit, plan, champ, out_dir, service=service or endpoint, namespace=namespace)
+        if state.json:
+            emit_json({"emitted": [str(p) for p in paths]})
+        else:
+            out.print("wrote " + ", ".join(map(str, paths)))
+        return
 
     def show(d: dict) -> None:
         c = d["candidate_figures"] or {}
@@ -203,13 +222,14 @@ def rollout(
         err.print(f"{d['phase']:>10}  {d['action']:<8} n={c.get('requests', 0)} err={c.get('error_rate')} "
                   f"p99={p99} agree={c.get('agreement')}  {'; '.join(d['reasons'])}", highlight=False)
 
-    result = engine.run(plan, fleet, on_decision=(lambda d: None) if state.json else show)
-    doc = result.to_dict()
-    if result.promoted and mlflow_model:
+    if mlflow_model:  # fail before any traffic moves, not after a successful rollout
         from ..packaging.mlflow_registry import check_reachable, promote, resolve_tracking_uri
 
         uri = resolve_tracking_uri(mlflow_uri)
         check_reachable(uri)
+    result = engine.run(plan, fleet, on_decision=(lambda d: None) if state.json else show)
+    doc = result.to_dict()
+    if result.promoted and mlflow_model:
         doc["mlflow"] = promote(uri, mlflow_model, mlflow_version, "champion")
     if state.json:
         emit_json(doc)

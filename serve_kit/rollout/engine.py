@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UsageError
+from ..errors import ServeKitError, UsageError
 from . import analysis
 from .decision import Thresholds, judge
 from .driver import Fleet, target_dict
@@ -62,15 +62,17 @@ def _latest_version(fleet: Fleet, model: str) -> int:
     return max(versions)
 
 
+def champion_of(fleet: Fleet, endpoint: str) -> tuple[str, int]:
+    """The current route's first target, with its version resolved when the route names none."""
+    first = fleet.route(endpoint)["targets"][0]
+    version = first.get("version")
+    return first["model"], version if version is not None else _latest_version(fleet, first["model"])
+
+
 def run(plan: Plan, fleet: Fleet, *, on_decision: Callable[[dict], None] = lambda d: None,
         sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> Outcome:
     route = fleet.route(plan.endpoint)
-    if plan.champion is None:
-        first = route["targets"][0]
-        version = first.get("version")
-        champion = (first["model"], version if version is not None else _latest_version(fleet, first["model"]))
-    else:
-        champion = plan.champion
+    champion = plan.champion or champion_of(fleet, plan.endpoint)
     candidate = plan.candidate
     if champion == candidate:
         raise UsageError("the candidate is the champion already", value=f"{candidate[0]}:{candidate[1]}",
@@ -109,34 +111,51 @@ def run(plan: Plan, fleet: Fleet, *, on_decision: Callable[[dict], None] = lambd
         spec = {"targets": targets} if w == 100 or compare is None else {"targets": targets, "compare": compare}
         phases.append((f"step {w}%", w, spec, ("primary",)))
 
-    for phase, weight, spec, roles in phases:
-        gen = apply(spec)
-        start = fleet.scrape()
-        started = clock()
-        length = plan.shadow_s if phase == "shadow" else plan.interval_s
-        deadline = started + length
-        holds_allowed = plan.max_holds
-        while True:
-            sleep(max(0.0, min(plan.check_every_s, deadline - clock())))
-            d = analysis.delta(start, fleet.scrape())
-            cand = analysis.figures(d, plan.endpoint, *candidate, roles=roles)
-            champ = analysis.figures(d, plan.endpoint, *champion, roles=("primary",))
-            verdict = judge(t, cand, champ)
-            if verdict.action == "rollback":
-                return rollback(phase, weight, verdict.reasons, cand, champ)
-            if clock() < deadline:
-                record(phase, weight, verdict.action, verdict.reasons, cand, champ, gen)
-                continue
-            if verdict.action == "hold":
-                if holds_allowed == 0:
-                    return rollback(phase, weight, verdict.reasons + ["too little traffic to judge the candidate"],
-                                    cand, champ)
-                holds_allowed -= 1
-                deadline = clock() + length
-                record(phase, weight, "hold", verdict.reasons + ["step extended"], cand, champ, gen)
-                continue
-            record(phase, weight, "advance", verdict.reasons, cand, champ, gen)
-            break
+    try:
+        for phase, weight, spec, roles in phases:
+            outcome = _phase(plan, fleet, phase, weight, spec, roles, candidate, champion, apply, record, rollback,
+                             sleep, clock)
+            if outcome is not None:
+                return outcome
+    except (KeyboardInterrupt, ServeKitError):
+        # Never leave a half-rolled-out split behind: back to the champion (best effort), then report.
+        try:
+            apply({"targets": [target_dict(*champion, weight=100)]})
+        except ServeKitError:
+            pass
+        raise
     gen = apply({"targets": [target_dict(*candidate, weight=100)]})
     return Outcome(True, f"{champion[0]}:{champion[1]}", f"{candidate[0]}:{candidate[1]}", decisions,
                    [f"promoted at generation {gen}"])
+
+
+def _phase(plan, fleet, phase, weight, spec, roles, candidate, champion, apply, record, rollback, sleep, clock):
+    """One phase (shadow or a step): None when it passed, else the rollback's Outcome."""
+    t = plan.thresholds
+    gen = apply(spec)
+    start = fleet.scrape()
+    started = clock()
+    length = plan.shadow_s if phase == "shadow" else plan.interval_s
+    deadline = started + length
+    holds_allowed = plan.max_holds
+    while True:
+        sleep(max(0.0, min(plan.check_every_s, deadline - clock())))
+        d = analysis.delta(start, fleet.scrape())
+        cand = analysis.figures(d, plan.endpoint, *candidate, roles=roles)
+        champ = analysis.figures(d, plan.endpoint, *champion, roles=("primary",))
+        verdict = judge(t, cand, champ)
+        if verdict.action == "rollback":
+            return rollback(phase, weight, verdict.reasons, cand, champ)
+        if clock() < deadline:
+            record(phase, weight, verdict.action, verdict.reasons, cand, champ, gen)
+            continue
+        if verdict.action == "hold":
+            if holds_allowed == 0:
+                return rollback(phase, weight, verdict.reasons + ["too little traffic to judge the candidate"],
+                                cand, champ)
+            holds_allowed -= 1
+            deadline = clock() + length
+            record(phase, weight, "hold", verdict.reasons + ["step extended"], cand, champ, gen)
+            continue
+        record(phase, weight, "advance", verdict.reasons, cand, champ, gen)
+        return None

@@ -100,3 +100,43 @@ def test_a_dead_candidate_is_rolled_back_before_min_requests():
     t = Thresholds(max_error_rate=0.01, min_requests=100)
     assert judge(t, TargetFigures(requests=5, errors=5), TargetFigures()).action == "rollback"
     assert judge(t, TargetFigures(requests=5, errors=0), TargetFigures()).action == "hold"
+
+
+def _plan(shadow=0.0, agreement=0.95):
+    from serve_kit.rollout.engine import Plan, check_steps
+
+    return Plan(endpoint="digits", candidate=("digits", 2), shadow_s=shadow, steps=check_steps([5, 25, 50]),
+                interval_s=60, thresholds=Thresholds(0.01, 1.5, agreement, 50))
+
+
+# No published Istio / Flagger CRD schema ships in the venv (kubernetes-validate has core kinds
+# only), so these pin the fields of those schemas that the policy relies on.
+def test_istio_manifests_carry_the_first_step_and_the_mirror():
+    from serve_kit.rollout.emit import istio
+
+    rule, vs = istio(_plan(), ("digits", 1), service="digits")
+    assert rule["kind"] == "DestinationRule" and [s["labels"] for s in rule["spec"]["subsets"]] == [{"version": "1"}, {"version": "2"}]
+    http = vs["spec"]["http"][0]
+    assert [(r["destination"]["subset"], r["weight"]) for r in http["route"]] == [("v1", 95), ("v2", 5)]
+    assert sum(r["weight"] for r in http["route"]) == 100 and "mirror" not in http
+    http = istio(_plan(shadow=30), ("digits", 1), service="digits")[1]["spec"]["http"][0]
+    assert http["mirror"]["subset"] == "v2" and http["mirrorPercentage"] == {"value": 100.0}
+    assert [r["weight"] for r in http["route"]] == [100, 0]
+
+
+def test_flagger_canary_and_metric_templates_read_serve_kit_metrics():
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: F401 - same names as analysis
+    from serve_kit.rollout.emit import flagger
+
+    canary, *templates = flagger(_plan(), ("digits", 1), service="digits")
+    a = canary["spec"]["analysis"]
+    assert a["stepWeights"] == [5, 25, 50] and a["maxWeight"] == 50 and a["threshold"] == 1 and a["interval"] == "1m"
+    names = {t["metadata"]["name"]: t["spec"]["query"] for t in templates}
+    assert {m["templateRef"]["name"] for m in a["metrics"]} == set(names)
+    assert "serve_kit_route_requests_total" in names["serve-kit-error-rate"]
+    assert 'version="2"' in names["serve-kit-p99-ratio"] and 'version="1"' in names["serve-kit-p99-ratio"]
+    assert "serve_kit_shadow_agreement_sum" in names["serve-kit-agreement"]
+    limits = {m["name"]: m["thresholdRange"] for m in a["metrics"]}
+    assert limits == {"serve-kit-error-rate": {"max": 0.01}, "serve-kit-p99-ratio": {"max": 1.5},
+                      "serve-kit-agreement": {"min": 0.95}}
+    assert "serve-kit-agreement" not in {t["metadata"]["name"] for t in flagger(_plan(agreement=None), ("digits", 1), service="d")[1:]}

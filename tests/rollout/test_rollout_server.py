@@ -40,10 +40,10 @@ def servers(tmp_path_factory):
     b.stop()
 
 
-def cli(args: list[str], capsys) -> tuple[int, dict | None, str]:
+def cli(args: list[str], capsys, json_output: bool = True) -> tuple[int, dict | None, str]:
     capsys.readouterr()
     try:
-        main(["--json", *args])
+        main(["--json", *args] if json_output else args)
         rc = 0
     except SystemExit as e:
         rc = e.code
@@ -51,7 +51,7 @@ def cli(args: list[str], capsys) -> tuple[int, dict | None, str]:
         from serve_kit.cli._common import state
         state.json, state.emitted = False, False
     o = capsys.readouterr()
-    return rc, (json.loads(o.out) if o.out.strip() else None), o.err
+    return rc, (json.loads(o.out) if o.out.strip() and json_output else o.out or None), o.err
 
 
 class Load:
@@ -185,3 +185,106 @@ def test_worse_candidate_is_rolled_back(servers, tmp_path, capsys):
     share = load.answers[:after].count("m/3") / max(1, after)
     assert share < 0.10 + 0.15, share
     assert json.loads(log.read_text().splitlines()[-1])["action"] == "rollback"
+
+
+def test_emit_writes_manifests_for_the_current_champion(servers, tmp_path, capsys):
+    import yaml
+
+    _reset(servers, capsys)
+    rc, doc, _ = cli(["rollout", f"http://{servers[0].url}", "--endpoint", "m", "--candidate", "m:2",
+                      "--emit", "istio", "--out", str(tmp_path)], capsys)
+    assert rc == 0, doc
+    rule, vs = yaml.safe_load_all(Path(doc["emitted"][0]).read_text())
+    assert [s["name"] for s in rule["spec"]["subsets"]] == ["v1", "v2"]
+    assert request(servers[0].port, "GET", "/v2/routes/m").json()["targets"][0]["version"] == 1  # nothing changed
+
+
+def test_failing_and_slow_candidates_are_rolled_back(tmp_path, capsys):
+    """Probe versions (y = 2x): 2 raises on every call (500s), 3 answers 150 ms late; both roll back
+    on their first step, by error rate and by p99 ratio, with a human-readable decision table."""
+    from rt_models import probe_config, write_probe
+
+    flag = tmp_path / "failing"
+    cfg = probe_config("p", version_policy={"all": True})
+    write_probe(tmp_path / "repo", cfg)
+    write_probe(tmp_path / "repo", cfg, fail_file=str(flag))
+    write_probe(tmp_path / "repo", cfg, delay_s=0.15)
+    srv = InProcessServer(tmp_path / "repo", management_token=TOKEN).start()
+    flag.touch()  # after warm-up: version 2 fails from now on
+    stop = threading.Event()
+
+    def loop():
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}).encode()
+        while not stop.is_set():
+            request(srv.port, "POST", "/v2/models/p/infer", body, {"Content-Type": "application/json"})
+            stop.wait(0.005)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(2)]
+    url = f"http://{srv.url}"
+    gate = ["--endpoint", "p", "--champion", "p:1", "--steps", "30,100", "--interval", "2s", "--check-every", "0.5s",
+            "--min-requests", "10", "--max-error-rate", "0.05", "--max-p99-ratio", "3", "--token", TOKEN]
+    try:
+        assert cli(["route", "switch", url, "p", "p:1", "--token", TOKEN], capsys)[0] == 0
+        for t in threads:
+            t.start()
+        rc, doc, _ = cli(["rollout", url, "--candidate", "p:2", *gate], capsys)
+        assert rc == 3 and any("error rate" in r for r in doc["reasons"]), doc
+        assert doc["decisions"][-1]["candidate_figures"]["errors"] > 0
+        rc, text, _ = cli(["rollout", url, "--candidate", "p:3", *gate], capsys, json_output=False)
+        assert rc == 3 and "p99 ratio" in text and "rollout decisions" in text and "rolled_back" in text, text
+        assert request(srv.port, "GET", "/v2/routes/p").json()["targets"][0]["version"] == 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        srv.stop()
+
+
+def test_an_interrupted_rollout_leaves_the_champion_serving(servers, capsys):
+    from serve_kit.rollout import engine
+    from serve_kit.rollout.driver import Fleet
+
+    _reset(servers, capsys)
+    seen = []
+
+    def sleep(s):  # Ctrl-C while the first step is held: by then the candidate has its 50 %
+        seen.append([t["version"] for t in request(servers[1].port, "GET", "/v2/routes/m").json()["targets"]])
+        raise KeyboardInterrupt
+
+    fleet = Fleet([servers[0].url, servers[1].url], TOKEN)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(engine.Plan(endpoint="m", candidate=("m", 2), steps=(50, 100)), fleet, sleep=sleep)
+    assert seen == [[1, 2]]
+    for srv in servers:
+        assert [t["version"] for t in request(srv.port, "GET", "/v2/routes/m").json()["targets"]] == [1]
+
+
+def test_promotion_moves_the_mlflow_champion_alias(servers, tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's embedded store: a real registry, no server
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("m-model")
+    for _ in range(2):
+        client.create_model_version("m-model", source=str(tmp_path))
+    client.set_registered_model_alias("m-model", "champion", "1")
+    _reset(servers, capsys)
+    with Load([s.port for s in servers]):
+        rc, doc, _ = cli(["rollout", *_urls(servers), "--endpoint", "m", "--candidate", "m:2", "--steps", "100",
+                          "--interval", "0.5s", "--check-every", "0.5s", "--min-requests", "5", "--max-p99-ratio", "20",
+                          "--mlflow-uri", uri, "--mlflow-model", "m-model", "--mlflow-version", "2",
+                          "--token", TOKEN], capsys)
+    assert rc == 0, doc
+    assert doc["mlflow"]["previous"] == 1 and doc["mlflow"]["alias"] == "champion"
+    assert str(client.get_model_version_by_alias("m-model", "champion").version) == "2"
+
+
+def test_route_set_from_a_file(servers, tmp_path, capsys):
+    f = tmp_path / "route.yaml"
+    f.write_text("targets:\n  - {model: m, version: 1, weight: 3}\n  - {model: m, version: 2, weight: 1}\ncompare: 0.5\n")
+    rc, doc, _ = cli(["route", "set", f"http://{servers[0].url}", "m", "--file", str(f), "--token", TOKEN], capsys)
+    assert rc == 0 and [t["share"] for t in doc["targets"]] == [0.75, 0.25] and doc["compare"] == 0.5
+    f.write_text("endpoint: other\ntargets: [{model: m, version: 1}]\n")
+    rc, doc, _ = cli(["route", "set", f"http://{servers[0].url}", "m", "--file", str(f), "--token", TOKEN], capsys)
+    assert rc == 2 and "other" in doc["message"]
