@@ -11,7 +11,9 @@ each setting in turn, interleaved over --rounds so the machine's drift hits ever
 - `none`:   route digits -> digits:1 alone;
 - `shadow`: the same, plus a shadow of digits:2 at 100 % (every request also runs on version 2);
 - `cache`:  no shadow, version 1 with `response_cache` on (the inputs are the repository's 597
-  evaluation samples, replayed: after the first pass every request is a hit).
+  evaluation samples, replayed: after the first pass every request is a hit);
+- `switch`: blue-green switches digits:1 <-> digits:2 every 0.25 s while the load runs (the
+  failed-request count is the figure: it must be 0).
 
 It prints each setting's p50 / p99 per round and the median ratio to `none`, with the spread, and
 the shadow agreement and cache hit counts read from /metrics. Run it on an otherwise idle machine.
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -94,16 +97,31 @@ def main() -> int:
                 servers[name] = (proc, info["http"])
             base, cache_base = servers["main"][1], servers["cache"][1]
             data = repo / "digits" / "1" / "samples.npz"
-            rows: dict[str, list[dict]] = {"none": [], "shadow": [], "cache": []}
+            rows: dict[str, list[dict]] = {"none": [], "shadow": [], "cache": [], "switch": []}
+            switches = 0
             for rnd in range(args.rounds):
-                for setting in ("none", "shadow", "cache"):
+                for setting in ("none", "shadow", "cache", "switch"):
                     if setting == "none":
                         http(base + "/v2/routes/digits", "PUT", {"targets": [{"model": "digits", "version": 1}]})
                     elif setting == "shadow":
                         http(base + "/v2/routes/digits", "PUT", {"targets": [{"model": "digits", "version": 1}],
                                                                 "shadow": {"model": "digits", "version": 2,
                                                                            "percent": 100}})
-                    r = bench(cache_base if setting == "cache" else base, args.rate, args.seconds, data)
+                    stop = threading.Event()
+                    if setting == "switch":
+                        def flip() -> None:
+                            nonlocal switches
+                            v = 1
+                            while not stop.wait(0.25):
+                                v = 3 - v
+                                http(base + "/v2/routes/digits", "PUT", {"targets": [{"model": "digits", "version": v}]})
+                                switches += 1
+                        flipper = threading.Thread(target=flip, daemon=True)
+                        flipper.start()
+                    try:
+                        r = bench(cache_base if setting == "cache" else base, args.rate, args.seconds, data)
+                    finally:
+                        stop.set()
                     rows[setting].append(r)
                     print(f"round {rnd + 1} {setting:6s}: {r['throughput']:7.0f}/s p50 {r['p50_ms']:.3f} ms "
                           f"p99 {r['p99_ms']:.3f} ms errors {r['errors_total']}", flush=True)
@@ -127,14 +145,14 @@ def main() -> int:
             "throughput": [r["throughput"] for r in rs], "errors": sum(r["errors_total"] for r in rs),
             "p99_ratio_median": statistics.median(ratios99), "p99_ratio_range": [min(ratios99), max(ratios99)],
             "p50_ratio_median": statistics.median(ratios50), "p50_ratio_range": [min(ratios50), max(ratios50)]}
-    summary.update(shadow_agreement=agree, shadow_rows_compared=agree_n, shadow_requests=shadow_runs,
+    summary.update(switches=switches, shadow_agreement=agree, shadow_rows_compared=agree_n, shadow_requests=shadow_runs,
                    shadow_dropped=dropped, cache_hits=hits, cache_misses=misses)
     for setting, s in summary["settings"].items():
         print(f"{setting:6s}: p99 x{s['p99_ratio_median']:.3f} of none (range {s['p99_ratio_range'][0]:.3f}-"
               f"{s['p99_ratio_range'][1]:.3f}), p50 x{s['p50_ratio_median']:.3f} "
               f"({s['p50_ratio_range'][0]:.3f}-{s['p50_ratio_range'][1]:.3f}), errors {s['errors']}")
     print(f"shadow: {shadow_runs:.0f} mirrored, {agree_n:.0f} rows compared, agreement {agree:.4f}, "
-          f"dropped {dropped:.0f}; cache: {hits:.0f} hits, {misses:.0f} misses")
+          f"dropped {dropped:.0f}; cache: {hits:.0f} hits, {misses:.0f} misses; {switches} blue-green switches")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     return 0
