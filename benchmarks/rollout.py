@@ -76,6 +76,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--settings", default="none,shadow,cache,switch", help="which settings to run (none is the baseline)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="sk-rollout-bench-") as tmp:
@@ -100,7 +101,7 @@ def main() -> int:
             rows: dict[str, list[dict]] = {"none": [], "shadow": [], "cache": [], "switch": []}
             switches = 0
             for rnd in range(args.rounds):
-                for setting in ("none", "shadow", "cache", "switch"):
+                for setting in ["none", *[x for x in args.settings.split(",") if x != "none"]]:
                     if setting == "none":
                         http(base + "/v2/routes/digits", "PUT", {"targets": [{"model": "digits", "version": 1}]})
                     elif setting == "shadow":
@@ -138,6 +139,8 @@ def main() -> int:
                 proc.wait(60)
     summary = {"rate": args.rate, "rounds": args.rounds, "seconds": args.seconds, "settings": {}}
     for setting, rs in rows.items():
+        if not rs:
+            continue
         ratios99 = [r["p99_ms"] / b["p99_ms"] for r, b in zip(rs, rows["none"])]
         ratios50 = [r["p50_ms"] / b["p50_ms"] for r, b in zip(rs, rows["none"])]
         summary["settings"][setting] = {

@@ -41,7 +41,10 @@ log = logging.getLogger("serve_kit.runtime")
 
 COMPARE_QUEUE = 4096
 """Output pairs waiting for the comparison thread; beyond it a pair is dropped (counted as shed)."""
-_COMPARE_BATCH = 512
+MIRROR_WINDOW_S = 0.01
+"""How long mirrors (shadow, compare) are gathered into one batched request."""
+COMPARE_EVERY_S = 0.25
+"""How long the comparison thread gathers pairs before comparing them in one go."""
 
 
 class Conflict(InferError):
@@ -154,6 +157,8 @@ class Router:
         self._configs: dict[str, object] = {}
         self.counters = RouteCounters()
         self._shadow_inflight: dict[str, int] = {}
+        self._mirrors: dict[tuple, list] = {}
+        """Mirrors gathered per (endpoint, target, role, candidate) until their batch is sent."""
         self._comparer: _Comparer | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -374,7 +379,12 @@ class Router:
                 candidate: tuple[str, int] | None) -> None:
         """Run `req` on `ref` too, off the client's path, and compare the pair. `candidate` None: `ref`
         is the shadow, compared with the primary's `outputs`; else `ref` is the champion, the
-        reference for the candidate's `outputs`."""
+        reference for the candidate's `outputs`.
+
+        Mirrors are gathered for MIRROR_WINDOW_S and sent as one batched request (up to the
+        target's max_batch_size rows): a mirror per request would wake the target's model thread
+        and the event loop once per request, which on a small CPU costs the primary more than
+        the shadow's compute does."""
         endpoint = route.endpoint
         bound = route.spec.shadow.max_inflight if route.spec.shadow else 32
         label = (ref.model, str(ref.version) if ref.version is not None else "latest") if candidate is None \
@@ -382,30 +392,81 @@ class Router:
         if self._shadow_inflight.get(endpoint, 0) >= bound:
             self.counters.bump(self.counters.dropped, (endpoint, *label, "shed"))
             return
+        self._shadow_inflight[endpoint] = self._shadow_inflight.get(endpoint, 0) + 1
+        key = (endpoint, ref, role, candidate)
+        buf = self._mirrors.get(key)
+        if buf is None:
+            buf = self._mirrors[key] = []
+            asyncio.get_running_loop().call_later(MIRROR_WINDOW_S, self._flush_mirrors, key, buf)
+        buf.append((req.inputs, outputs))
+        if len(buf) >= bound:
+            self._flush_mirrors(key, buf)
+
+    def _flush_mirrors(self, key: tuple, buf: list) -> None:
+        if self._mirrors.get(key) is not buf:
+            return  # flushed already (full)
+        del self._mirrors[key]
+        endpoint, ref, role, candidate = key
+        label = (ref.model, str(ref.version) if ref.version is not None else "latest") if candidate is None \
+            else (candidate[0], str(candidate[1]))
         try:
             sched = self.manager.resolve(ref.model, ref.version)
-            fut = sched.submit_nowait(req.inputs, 0, 0)
         except InferError:
-            self.counters.bump(self.counters.dropped, (endpoint, *label, "shed"))
+            self._shadow_inflight[endpoint] -= len(buf)
+            for _ in buf:
+                self.counters.bump(self.counters.dropped, (endpoint, *label, "shed"))
             return
-        self._shadow_inflight[endpoint] = self._shadow_inflight.get(endpoint, 0) + 1
+        limit = sched.config.max_batch_size if sched.batching else 1
+        groups: dict[tuple, list] = {}
+        for inputs, outputs in buf:
+            shape = (tuple((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()),
+                     tuple((k, np.shape(v)[1:]) for k, v in outputs.items()))
+            groups.setdefault(shape, []).append((inputs, outputs))
+        for items in groups.values():
+            chunk: list = []
+            rows = 0
+            for item in items:
+                n = len(next(iter(item[0].values())))
+                if chunk and rows + n > limit:
+                    self._send_mirrors(sched, endpoint, role, candidate, label, chunk)
+                    chunk, rows = [], 0
+                chunk.append(item)
+                rows += n
+            if chunk:
+                self._send_mirrors(sched, endpoint, role, candidate, label, chunk)
+
+    def _send_mirrors(self, sched, endpoint: str, role: str, candidate, label, items: list) -> None:
+        n = len(items)
+        if n == 1:
+            inputs, reference = items[0]
+        else:
+            inputs = {k: np.concatenate([i[k] for i, _ in items]) for k in items[0][0]}
+            reference = {k: np.concatenate([o[k] for _, o in items]) for k in items[0][1]}
+        try:
+            fut = sched.submit_nowait(inputs, 0, 0)
+        except InferError:
+            self._shadow_inflight[endpoint] -= n
+            for _ in items:
+                self.counters.bump(self.counters.dropped, (endpoint, *label, "shed"))
+            return
         t0 = time.perf_counter()
 
         def done(f: asyncio.Future) -> None:
-            self._shadow_inflight[endpoint] -= 1
+            self._shadow_inflight[endpoint] -= n
             err = _exception(f)
-            self.counters.count(endpoint, sched.model, sched.version, role, err, time.perf_counter() - t0)
-            if candidate is None:
-                labels = (endpoint, sched.model, str(sched.version), role)
-            else:
-                labels = (endpoint, label[0], label[1], role)
+            seconds = time.perf_counter() - t0
+            for _ in range(n):
+                self.counters.count(endpoint, sched.model, sched.version, role, err, seconds)
+            labels = (endpoint, sched.model, str(sched.version), role) if candidate is None \
+                else (endpoint, label[0], label[1], role)
             if err is not None:
-                self.counters.bump(self.counters.dropped, (*labels[:3], "error"))
+                for _ in range(n):
+                    self.counters.bump(self.counters.dropped, (*labels[:3], "error"))
                 return
             if candidate is None:
-                self.comparer.add(labels, outputs, f.result())
+                self.comparer.add(labels, reference, f.result())
             else:
-                self.comparer.add(labels, f.result(), outputs)
+                self.comparer.add(labels, f.result(), reference)
 
         fut.add_done_callback(done)
 
@@ -452,12 +513,17 @@ class _Comparer:
         self._queue.put(None)
 
     def _run(self) -> None:
+        # Gather for COMPARE_EVERY_S after the first pair, then compare all of them at once: one
+        # compare_outputs call per group and period, not per pair (each call holds the GIL that
+        # the event loop needs; per pair, a 100 % shadow at 1,000 requests/s would cost the
+        # primary's latency about as much as the shadow's own execution).
         while True:
             item = self._queue.get()
             if item is None:
                 return
             items = [item]
-            while len(items) < _COMPARE_BATCH:
+            time.sleep(COMPARE_EVERY_S)
+            while len(items) < COMPARE_QUEUE:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
