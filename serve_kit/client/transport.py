@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..config import DATATYPES
+from ..config import datatype_of
 from ..runtime import protocol
 from .errors import ConnectionFailed, ServerError
 
@@ -34,12 +34,8 @@ class Answer:
 
 
 def _datatype(arr: np.ndarray) -> str:
-    if arr.dtype.kind in "OSU":
-        return "BYTES"
-    for dt, name in DATATYPES.items():
-        if name == arr.dtype.name:
-            return dt
-    raise TypeError(f"numpy dtype {arr.dtype} has no Open Inference Protocol datatype")
+    """BYTES for strings and objects, else the numpy dtype's datatype (ConfigError names the dtype)."""
+    return "BYTES" if arr.dtype.kind in "OSU" else datatype_of(arr.dtype)
 
 
 def _retry_after(text: str | None, scale: float = 1.0) -> float | None:

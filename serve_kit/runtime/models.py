@@ -535,16 +535,7 @@ class ModelManager:
         def start() -> asyncio.Future:
             sched, fut = self._route_nowait(req)
             first = loop.create_future()
-
-            def done(f: asyncio.Future) -> None:
-                if f.cancelled():
-                    first.cancel()
-                elif f.exception() is not None:
-                    first.set_exception(f.exception())
-                else:
-                    first.set_result(_Answer(sched, f.result()))
-
-            fut.add_done_callback(done)
+            resilience.relay(fut, first, lambda outputs: _Answer(sched, outputs))
             return first
 
         shared, _ = self.idempotency.claim(req.model, key, digest, start)
@@ -552,23 +543,12 @@ class ModelManager:
         handle.routed = False
         out = loop.create_future()
 
-        def unwrap(f: asyncio.Future) -> None:
-            if out.done():
-                return
-            if f.cancelled():
-                out.cancel()
-            elif f.exception() is not None:
-                out.set_exception(f.exception())
-            else:
-                answer = f.result()
-                for attr in ("model", "version", "batching", "fallback", "routed"):
-                    setattr(handle, attr, getattr(answer.handle, attr, False if attr in ("fallback", "routed") else None))
-                out.set_result(answer.outputs)
+        def unwrap(answer: "_Answer") -> dict:
+            for attr in ("model", "version", "batching", "fallback", "routed"):
+                setattr(handle, attr, getattr(answer.handle, attr))
+            return answer.outputs
 
-        if shared.done():
-            unwrap(shared)
-        else:
-            shared.add_done_callback(unwrap)
+        resilience.relay(shared, out, unwrap)
         return handle, out
 
     def _route_nowait(self, req: InferRequest):

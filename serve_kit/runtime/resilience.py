@@ -503,6 +503,26 @@ class _Entry:
         self.expires: float | None = None  # None while the first attempt runs
 
 
+def relay(src: asyncio.Future, dst: asyncio.Future, transform: Callable[[Any], Any] | None = None) -> None:
+    """When `src` is done, finish `dst` the same way (cancelled, its exception, or its result
+    through `transform`), unless `dst` is done already."""
+
+    def copy(f: asyncio.Future) -> None:
+        if dst.done():
+            return
+        if f.cancelled():
+            dst.cancel()
+        elif f.exception() is not None:
+            dst.set_exception(f.exception())
+        else:
+            dst.set_result(f.result() if transform is None else transform(f.result()))
+
+    if src.done():
+        copy(src)
+    else:
+        src.add_done_callback(copy)
+
+
 class IdempotencyTable:
     """(endpoint, key) -> the first attempt of a request, for the router.
 
@@ -558,21 +578,7 @@ class IdempotencyTable:
     @staticmethod
     def _follow(loop: asyncio.AbstractEventLoop, src: asyncio.Future) -> asyncio.Future:
         out = loop.create_future()
-
-        def copy(f: asyncio.Future) -> None:
-            if out.done():
-                return
-            if f.cancelled():
-                out.cancel()
-            elif f.exception() is not None:
-                out.set_exception(f.exception())
-            else:
-                out.set_result(f.result())
-
-        if src.done():
-            copy(src)
-        else:
-            src.add_done_callback(copy)
+        relay(src, out)
         return out
 
     def _finished(self, k: tuple[str, str], e: _Entry, f: asyncio.Future) -> None:
@@ -613,6 +619,6 @@ class IdempotencyTable:
             self.bytes -= e.size
 
 
-__all__ = ["BreakerOpen", "CachedOutputs", "CircuitBreaker", "Counts", "IdempotencyConflict", "IdempotencyTable",
+__all__ = ["relay", "BreakerOpen", "CachedOutputs", "CircuitBreaker", "Counts", "IdempotencyConflict", "IdempotencyTable",
            "ResponseCache", "Resilient", "check_key", "request_digest", "tensors_digest", "wrap",
            "CLOSED", "OPEN", "HALF_OPEN", "STATE_CODE"]
