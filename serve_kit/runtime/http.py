@@ -339,7 +339,8 @@ def _route_body(body: bytes) -> tuple[RouteSpec, int | None]:
     try:
         return RouteSpec.model_validate(doc), if_generation
     except ValidationError as e:
-        raise BadRequest("invalid route: " + model_errors(e)[:2000]) from None
+        why = model_errors(e).replace("(value): ", "").replace("Value error, ", "")
+        raise BadRequest("invalid route: " + why[:2000]) from None
 
 
 def _answer_headers(parameters: dict, headers: dict) -> None:
