@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sys
 import threading
 import time
@@ -38,6 +39,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .types import BadRequest, InferError, Internal, Timeout, Unavailable
+
+log = logging.getLogger("serve_kit.runtime")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STATE_CODE = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
@@ -459,7 +462,19 @@ def wrap(inner, config, counts: Counts | None = None) -> Any:
         cb.window_seconds, cb.min_requests, cb.max_error_rate, cb.max_latency_ms, cb.open_seconds,
         cb.half_open_probes, label=f"{inner.model}:{inner.version}", counts=counts)
     cache = None if rc is None else ResponseCache(rc.max_bytes, inner.model, inner.version, counts)
+    if breaker is not None:
+        breaker.on_transition = lambda prev, to, b=breaker: _log_transition(b, prev, to)
     return Resilient(inner, breaker, cache)
+
+
+def _log_transition(breaker: CircuitBreaker, prev: str, to: str) -> None:
+    # Called under the breaker's lock: only the log line, no reading of the breaker here.
+    if to == OPEN:
+        log.warning("model %s: circuit breaker %s -> open for %.1f s (failure share reached %.0f %% "
+                    "of at least %d answers in %.0f s)", breaker.label, prev, breaker.open_seconds,
+                    breaker.max_error_rate * 100, breaker.min_requests, breaker.window_seconds)
+    else:
+        log.info("model %s: circuit breaker %s -> %s", breaker.label, prev, to)
 
 
 # ---------------------------------------------------------------------------------------------
