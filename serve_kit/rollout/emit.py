@@ -5,7 +5,9 @@ holding the first step's weights, with the candidate mirrored during the shadow 
 `mirror` + `mirrorPercentage`). flagger: a Canary whose analysis mirrors the steps (`stepWeights`,
 `maxWeight`, `interval`, `threshold: 1` = roll back at the first failed check) and MetricTemplates
 whose PromQL reads serve-kit's own metrics (contract names) for the candidate's error rate, its p99
-relative to the champion's and its live agreement."""
+relative to the champion's (both from the per-version series, which every server exports whether
+or not it routes) and its live agreement (which needs an in-pod serve-kit shadow or compare route:
+a mesh mirror discards the candidate's answers, so there is nothing to compare)."""
 
 from __future__ import annotations
 
@@ -47,16 +49,20 @@ def _duration(seconds: float) -> str:
 def flagger(plan, champion: tuple[str, int], *, service: str, namespace: str = "default", port: int = 8000,
             prometheus: str = "http://prometheus.istio-system:9090") -> list[dict]:
     model, version = plan.candidate
+    # Under a mesh each Deployment serves its own version with no serve-kit route in between, so
+    # error rate and latency read the per-version series every server exports; only the live
+    # agreement needs the pods to compare in-process (a serve-kit shadow/compare route).
+    ver = f'model="{model}",version="{version}"'
+    champ_ver = f'model="{champion[0]}",version="{champion[1]}"'
     sel = f'endpoint="{plan.endpoint}",model="{model}",version="{version}"'
-    champ_sel = f'endpoint="{plan.endpoint}",model="{champion[0]}",version="{champion[1]}"'
     rng = "{{ interval }}"
     queries = {
         "serve-kit-error-rate": (
-            f'sum(rate(serve_kit_route_requests_total{{{sel},code=~"500|503|504"}}[{rng}])) / '
-            f'sum(rate(serve_kit_route_requests_total{{{sel}}}[{rng}]))', {"max": plan.thresholds.max_error_rate}),
+            f'sum(rate(serve_kit_requests_total{{{ver},status=~"500|503|504"}}[{rng}])) / '
+            f'sum(rate(serve_kit_requests_total{{{ver}}}[{rng}]))', {"max": plan.thresholds.max_error_rate}),
         "serve-kit-p99-ratio": (
-            f'histogram_quantile(0.99, sum by (le) (rate(serve_kit_route_request_duration_seconds_bucket{{{sel},role="primary"}}[{rng}]))) / '
-            f'histogram_quantile(0.99, sum by (le) (rate(serve_kit_route_request_duration_seconds_bucket{{{champ_sel},role="primary"}}[{rng}])))',
+            f'histogram_quantile(0.99, sum by (le) (rate(serve_kit_compute_duration_seconds_bucket{{{ver}}}[{rng}]))) / '
+            f'histogram_quantile(0.99, sum by (le) (rate(serve_kit_compute_duration_seconds_bucket{{{champ_ver}}}[{rng}])))',
             {"max": plan.thresholds.max_p99_ratio}),
     }
     if plan.thresholds.min_agreement is not None:

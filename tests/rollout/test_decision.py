@@ -133,7 +133,9 @@ def test_flagger_canary_and_metric_templates_read_serve_kit_metrics():
     assert a["stepWeights"] == [5, 25, 50] and a["maxWeight"] == 50 and a["threshold"] == 1 and a["interval"] == "1m"
     names = {t["metadata"]["name"]: t["spec"]["query"] for t in templates}
     assert {m["templateRef"]["name"] for m in a["metrics"]} == set(names)
-    assert "serve_kit_route_requests_total" in names["serve-kit-error-rate"]
+    # Per-version series: under a mesh the pods serve their own version without a route.
+    assert "serve_kit_requests_total" in names["serve-kit-error-rate"] and "endpoint=" not in names["serve-kit-error-rate"]
+    assert "serve_kit_compute_duration_seconds_bucket" in names["serve-kit-p99-ratio"]
     assert 'version="2"' in names["serve-kit-p99-ratio"] and 'version="1"' in names["serve-kit-p99-ratio"]
     assert "serve_kit_shadow_agreement_sum" in names["serve-kit-agreement"]
     limits = {m["name"]: m["thresholdRange"] for m in a["metrics"]}
