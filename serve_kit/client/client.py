@@ -162,10 +162,16 @@ class AsyncClient:
             answer = await self._transport(replica).infer(model, inputs, version, outputs, key,
                                                           max(1, int(left * 1e6)), headers, try_timeout)
         except ServerError as e:
+            if e.status == 404 and (model in replica.served or not await self._replica_ready(replica, end)):
+                # A replica that answered this model before, or one still loading its models (just
+                # restarted, shutting down, reloading), does not know the model for a moment:
+                # transient, so it is retried like a 503. Any other 404 is final (a wrong name must
+                # not wait out the deadline).
+                e = ServerError(503, f"not serving it now ({e.server_message})", url=e.url, code=e.code)
             self.balancer.record(replica, e.status not in REPLICA_FAILURE_STATUS)
             if e.retry_after:
                 replica.not_before = time.monotonic() + e.retry_after
-            raise
+            raise e from None
         except ConnectionFailed:
             self.balancer.record(replica, False)
             raise
@@ -173,7 +179,14 @@ class AsyncClient:
             replica.outstanding -= 1
         self.balancer.record(replica, True)
         self.latency.add(time.monotonic() - start)
+        replica.served.add(model)
         return answer
+
+    async def _replica_ready(self, replica: Replica, end: float) -> bool:
+        try:
+            return await self._transport(replica).ready(max(0.05, min(1.0, end - time.monotonic())))
+        except (ConnectionFailed, ServerError):
+            return False
 
     async def _attempt(self, model, inputs, version, outputs, key, headers, end, tried: list[Replica]):
         """One attempt: a try on one replica, plus hedges on others if it is slow. Returns

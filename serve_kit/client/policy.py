@@ -160,6 +160,8 @@ class Replica:
     not_before: float = 0.0
     """Its last Retry-After / pushback: not sent to before this time while another replica can be."""
     transport: object = field(default=None, repr=False)
+    served: set = field(default_factory=set, repr=False)
+    """Models this replica has answered: a 404 for one of them later is a restart or reload."""
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until

@@ -270,3 +270,24 @@ def test_result_says_which_target_of_a_route_answered(tmp_path, served, protocol
         r = c.infer("front", {"x": X})
     np.testing.assert_array_equal(r["y"], X)
     assert (r.model, r.version, r.target, r.fallback, r.cache_hit) == ("front", 1, "ident/1", False, False)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_404_is_final_unless_the_replica_served_the_model_before(tmp_path, served, protocol):
+    """A wrong name fails at once; a model this replica answered before and now reports unknown
+    (unloaded for a reload, a restart that is still loading) is waited for within the deadline."""
+    from rt_server import request
+
+    s = served(ident_repo(tmp_path / "repo"), "--enable-management", "--management-token", "tok")
+    auth = {"Authorization": "Bearer tok"}
+    with Client(s.url(protocol), deadline=30, retry=RetryPolicy(base_s=0.05, max_backoff_s=0.2)) as c:
+        with pytest.raises(ServerError) as e:
+            c.infer("no-such-model", {"x": X})
+        assert e.value.status == 404
+        assert c.infer("ident", {"x": X}).attempts == 1
+        assert request(s.http_port, "POST", "/v2/repository/models/ident/unload", b"{}", auth).status == 200
+        threading.Timer(1.0, lambda: request(s.http_port, "POST", "/v2/repository/models/ident/load", b"{}",
+                                             auth)).start()
+        r = c.infer("ident", {"x": X})
+        np.testing.assert_array_equal(r["y"], X)
+        assert r.attempts > 1
