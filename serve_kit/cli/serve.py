@@ -128,9 +128,10 @@ def _runtime_logging(level: str) -> None:
     """The runtime's log lines (serve_kit.runtime) to stderr at `level`; the libraries stay quiet."""
     import logging
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("serve_kit")
-    logger.addHandler(handler)
     logger.setLevel(level.upper())
-    logger.propagate = False
+    if not any(getattr(h, "serve_kit_cli", False) for h in logger.handlers):  # once per process
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.serve_kit_cli = True
+        logger.addHandler(handler)
