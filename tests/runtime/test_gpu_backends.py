@@ -136,6 +136,9 @@ def test_ort_cuda_asked_for_but_missing_fails_clearly(mlp_file, options):
 
 @without(ORT_CUDA_REASON, "ONNX Runtime's CUDA provider")
 def test_ort_allow_cpu_fallback_runs_on_the_cpu(mlp_file, caplog):
+    # The CLI run in-process by other tests sets the root logger to ERROR (_quiet_libraries); the
+    # warning is what this test checks, so it asks for it.
+    caplog.set_level("WARNING", logger="serve_kit")
     path, w1, w2 = mlp_file
     b = load_backend("onnxruntime", path, ["y"], {"device": "cuda:1", "allow_cpu_fallback": "true"})
     assert b.providers == ["CPUExecutionProvider"]
