@@ -200,8 +200,7 @@ class Router:
         if route is not None:
             return route
         if self._served(endpoint):
-            return Route.build(endpoint, Route.default(endpoint).spec, generation=self._generation.get(endpoint, 0),
-                               source="default", updated=0.0)
+            return Route.default(endpoint, generation=self._generation.get(endpoint, 0))
         raise NotFound(f"no route and no model called {endpoint!r}; endpoints: "
                        f"{', '.join(self.endpoints()) or 'none'}")
 
@@ -226,10 +225,7 @@ class Router:
         if if_generation is not None and if_generation != current:
             raise Conflict(f"route {endpoint!r} is at generation {current}, not {if_generation}: someone else "
                            "changed it; read it again (GET /v2/routes/{endpoint}) and retry")
-        base = self._check(endpoint, spec)
-        route = self._install(endpoint, spec, source)
-        self._configs[endpoint] = base
-        return route
+        return self._install(endpoint, spec, source, self._check(endpoint, spec))
 
     def clear(self, endpoint: str) -> Route:
         """Drop the API's route: back to the static route, or the default one."""
@@ -238,16 +234,15 @@ class Router:
         static = self._static.get(endpoint)
         if static is not None:
             try:
-                base = self._check(endpoint, static[0])
-                route = self._install(endpoint, static[0], static[1])
-                self._configs[endpoint] = base
-                return route
+                return self._install(endpoint, static[0], static[1], self._check(endpoint, static[0]))
             except InferError as e:
                 log.error("route %s: the %s route is not valid now (%s); using the default", endpoint,
                           static[1], e.message)
         return self._install(endpoint, None, "default")
 
-    def _install(self, endpoint: str, spec: RouteSpec | None, source: str) -> Route:
+    def _install(self, endpoint: str, spec: RouteSpec | None, source: str, config=None) -> Route:
+        """Make `spec` the endpoint's route (None: its default); `config` is the signature
+        `_check` found for it (requests to the endpoint are decoded with it)."""
         gen = self._generation.get(endpoint, 0) + 1
         self._generation[endpoint] = gen
         if spec is None:
@@ -256,6 +251,7 @@ class Router:
             log.info("route %s: generation %d: default (latest version)", endpoint, gen)
             return route
         route = Route.build(endpoint, spec.model_copy(update={"endpoint": endpoint}), generation=gen, source=source)
+        self._configs[endpoint] = config
         self.routes[endpoint] = route  # the switch: every request from here on sees the new route
         log.info("route %s: generation %d (%s): %s", endpoint, gen, source, route.describe())
         return route
@@ -387,7 +383,7 @@ class Router:
         the shadow's compute does."""
         endpoint = route.endpoint
         bound = route.spec.shadow.max_inflight if route.spec.shadow else 32
-        label = (ref.model, str(ref.version) if ref.version is not None else "latest") if candidate is None \
+        label = (ref.model, _version_label(ref)) if candidate is None \
             else (candidate[0], str(candidate[1]))
         if self._shadow_inflight.get(endpoint, 0) >= bound:
             self.counters.bump(self.counters.dropped, (endpoint, *label, "shed"))
@@ -407,7 +403,7 @@ class Router:
             return  # flushed already (full)
         del self._mirrors[key]
         endpoint, ref, role, candidate = key
-        label = (ref.model, str(ref.version) if ref.version is not None else "latest") if candidate is None \
+        label = (ref.model, _version_label(ref)) if candidate is None \
             else (candidate[0], str(candidate[1]))
         try:
             sched = self.manager.resolve(ref.model, ref.version)

@@ -73,9 +73,10 @@ class Route:
                    _cumulative=tuple(cum), _salts=tuple(str(t).encode() for t in targets))
 
     @classmethod
-    def default(cls, endpoint: str) -> "Route":
+    def default(cls, endpoint: str, generation: int = 0) -> "Route":
         """The route of a model without one: every request to its latest serving version."""
-        return cls.build(endpoint, RouteSpec(endpoint=endpoint, targets=[{"model": endpoint}]), source="default")
+        return cls.build(endpoint, RouteSpec(endpoint=endpoint, targets=[{"model": endpoint}]), generation=generation,
+                         source="default", updated=0.0)
 
     @property
     def single(self) -> bool:
